@@ -1,0 +1,48 @@
+"""Dataset over a list file: (image 3 x S x S in [0,1], multi-hot label, index)."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from data.images import READ_ERRORS, image_transform, open_rgb, read_error
+from data.lists import ImageList, read_list
+
+
+class HashListDataset(Dataset):
+    """Images of an ImageList through `transform` (see data.images.image_transform)."""
+
+    def __init__(self, image_list: ImageList, transform: Callable[[Image.Image], torch.Tensor]):
+        self.image_list = image_list
+        self.transform = transform
+        self.labels = torch.from_numpy(image_list.labels.astype("float32"))
+
+    def __len__(self) -> int:
+        return len(self.image_list)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        path = self.image_list.paths[index]
+        try:
+            img = open_rgb(path)
+        except READ_ERRORS as err:
+            raise read_error(self.image_list.where(index), path, err) from None
+        return self.transform(img), self.labels[index], index
+
+
+def open_split(data_dir: str, split: str, size: int, resize_size: int, augment: str = "none",
+               data_root: str | None = None, prefix_from: str | None = None, prefix_to: str = "",
+               n_classes: int | None = None) -> HashListDataset:
+    """The `split` list (train, query or database) of a data folder as a dataset of S x S images."""
+    image_list = read_list(os.path.join(data_dir, f"{split}.txt"), root=data_root or data_dir, n_classes=n_classes,
+                           prefix_from=prefix_from, prefix_to=prefix_to)
+    return HashListDataset(image_list, image_transform(size, resize_size, augment))
+
+
+def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False,
+                generator: torch.Generator | None = None, drop_last: bool = False) -> DataLoader:
+    """A DataLoader with the project's settings (pinned memory on CUDA, persistent workers off for one-shot use)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+                      pin_memory=torch.cuda.is_available(), drop_last=drop_last)

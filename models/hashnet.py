@@ -1,0 +1,141 @@
+"""Deep hashing networks: F(x) = sign(f(x)) (Eq. 1), relaxed to tanh(f(x)) in training.
+
+Inputs are images in [0, 1]; the ImageNet normalisation is the model's first layer, so attacks work in pixel space.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from runs.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHS = ("vgg11", "resnet18", "resnet50", "small")
+_TORCHVISION = {"vgg11": (tvm.vgg11, tvm.VGG11_Weights.IMAGENET1K_V1),
+                "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+                "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1)}
+
+
+def binarize(u: torch.Tensor) -> torch.Tensor:
+    """sign() with sign(0) = +1, so every code is in {-1, +1}^K."""
+    return torch.where(u >= 0, 1.0, -1.0).to(u.dtype)
+
+
+class SmallBackbone(nn.Sequential):
+    """A compact CNN for 32x32 inputs: three conv stages (32, 64, 128 channels), global pooling, 512-d features."""
+
+    def __init__(self):
+        def stage(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                    nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2)]
+        super().__init__(*stage(3, 32), *stage(32, 64), *stage(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(128, 512), nn.ReLU(inplace=True), nn.Dropout(0.2))
+        self.out_features = 512
+
+
+class HashModel(nn.Module):
+    """normalise -> features -> head (fully connected layers) -> hash layer (Linear to K bits).
+
+    forward(x) returns the relaxed code F'(x) = tanh(scale * f(x)); `codes(x)` returns sign(f(x)).
+    Parameter groups: `features` (convolutional, fine-tuned at the lower rate) and `head` (the rest).
+    """
+
+    def __init__(self, arch: str, bits: int, features: nn.Module, head: nn.Module, head_out: int):
+        super().__init__()
+        self.arch, self.bits = arch, bits
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.features = features
+        self.head = head
+        self.hash_layer = nn.Linear(head_out, bits)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x): the hash layer's output before tanh."""
+        return self.hash_layer(self.head(self.features((x - self.mean) / self.std)))
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return torch.tanh(scale * self.logits(x))
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return binarize(self.logits(x))
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        feature_ids = {id(p) for p in self.features.parameters()}
+        features = [p for p in self.parameters() if id(p) in feature_ids]
+        head = [p for p in self.parameters() if id(p) not in feature_ids]
+        return features, head
+
+
+def pretrained_state(arch: str) -> dict:
+    """ImageNet weights from torchvision's cache, downloaded once; offline, a message naming file and folder."""
+    weights = _TORCHVISION[arch][1]
+    filename = os.path.basename(weights.url)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError, ValueError) as err:  # URLError is an OSError
+        raise UserError(f"cannot load ImageNet weights for {arch} ({type(err).__name__}: {err}). Download "
+                        f"{weights.url} on a machine with internet and put the file {filename} in {folder} "
+                        f"(or set TORCH_HOME), or train without --pretrained") from None
+
+
+def build_model(arch: str, bits: int, pretrained: bool = False) -> HashModel:
+    """VGG-11 as in the paper (classifier's last layer replaced by the hash layer), ResNet-18/50, or `small`."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if not 8 <= bits <= 1024:
+        raise UserError(f"--bits {bits} is out of range; use a code length between 8 and 1024 (paper: 16-64)")
+    if arch == "small":
+        if pretrained:
+            raise UserError("the small backbone has no pretrained weights; drop --pretrained")
+        backbone = SmallBackbone()
+        return HashModel(arch, bits, backbone, nn.Identity(), backbone.out_features)
+    constructor, _ = _TORCHVISION[arch]
+    net = constructor(weights=None)
+    if pretrained:
+        net.load_state_dict(pretrained_state(arch))
+    if arch == "vgg11":
+        features = nn.Sequential(net.features, net.avgpool, nn.Flatten())
+        head = nn.Sequential(*list(net.classifier.children())[:6])  # fc-relu-dropout-fc-relu-dropout
+        return HashModel(arch, bits, features, head, net.classifier[6].in_features)
+    head_in = net.fc.in_features
+    net.fc = nn.Identity()
+    return HashModel(arch, bits, net, nn.Identity(), head_in)
+
+
+MODEL_KEYS = ("arch", "bits", "image_size")
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
+    """Read a checkpoint written by train_hash.py / train_backdoor.py, with a clear error when it is unusable."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path} (run train_hash.py for this --run first)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # truncated or corrupted files raise several types
+        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}); it is truncated or "
+                        f"corrupted: delete it and train again (or --resume from an intact copy)") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project (no 'model'/'config' entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> HashModel:
+    """Rebuild the network a checkpoint describes and load its weights (eval mode)."""
+    cfg = ckpt["config"]
+    model = build_model(cfg["arch"], cfg["bits"], pretrained=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line or "key" in line),
+                      str(err).splitlines()[0])
+        raise UserError(f"checkpoint weights do not fit a {cfg['arch']} model of {cfg['bits']} bits ({detail}); "
+                        f"it was written by another version of the model code: train it again") from None
+    return model.to(device).eval()

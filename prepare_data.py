@@ -1,0 +1,112 @@
+"""Step 0: make the list files (train.txt, query.txt, database.txt, protocol.json) the other steps read.
+
+    python prepare_data.py --dataset synthetic --out datasets/synthetic            # embedded default, offline
+    python prepare_data.py --dataset cifar10 --out datasets/cifar10                # torchvision download
+    python prepare_data.py --dataset folder --source cifar10-jpeg.tar.gz --out datasets/cifar10
+
+`folder` takes any class-per-folder image tree (or a .tar.gz of one); an image's class is the name of its folder and
+all sub-trees (train/, test/) are pooled before the seeded per-class split. Protocols: see data/protocols.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from data.protocols import PROTOCOLS, Protocol, build_lists
+from data.synthetic import generate_synthetic
+from runs import UserError, cli_entry
+
+DATASET = "synthetic"  # "synthetic" | "cifar10" | "folder"
+OUT = "datasets/synthetic"
+SOURCE = None  # for --dataset folder: a class-per-folder tree or a .tar.gz of one
+PROTOCOL = None  # name in data/protocols.py; None: "synthetic" for the synthetic set, "cifar10-ciba" otherwise
+QUERY_PER_CLASS = None  # override the protocol's counts
+TRAIN_PER_CLASS = None
+DATABASE = None  # "all-but-query" | "rest"
+SEED = None  # split seed; None: the protocol's
+N_CLASSES = 10  # synthetic set only
+PER_CLASS = 300
+IMAGE_SIZE = 32
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=DATASET, choices=("synthetic", "cifar10", "folder"))
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--source", default=SOURCE)
+    p.add_argument("--protocol", default=PROTOCOL)
+    p.add_argument("--query-per-class", type=int, default=QUERY_PER_CLASS)
+    p.add_argument("--train-per-class", type=int, default=TRAIN_PER_CLASS)
+    p.add_argument("--database", default=DATABASE, choices=("all-but-query", "rest"))
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--n-classes", type=int, default=N_CLASSES)
+    p.add_argument("--per-class", type=int, default=PER_CLASS)
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    protocol = choose_protocol(args)
+    if (Path(args.out) / "train.txt").exists():
+        raise UserError(f"{args.out} already holds list files; delete the folder or choose another --out")
+    if args.dataset == "synthetic":
+        record = generate_synthetic(args.out, args.n_classes, args.per_class, args.image_size, protocol.seed,
+                                    protocol)
+    elif args.dataset == "cifar10":
+        record = build_lists(download_cifar10(args.out), args.out, protocol)
+    else:
+        if not args.source:
+            raise UserError("--dataset folder needs --source (a class-per-folder tree or a .tar.gz of one)")
+        record = build_lists(args.source, args.out, protocol)
+    print(f"{args.out}: protocol {record['name']} (seed {record['seed']}), {len(record['classes'])} classes, "
+          + ", ".join(f"{k} {v}" for k, v in record["counts"].items()))
+    return record
+
+
+def choose_protocol(args: argparse.Namespace) -> Protocol:
+    name = args.protocol or ("synthetic" if args.dataset == "synthetic" else "cifar10-ciba")
+    if name not in PROTOCOLS:
+        raise UserError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+    base = PROTOCOLS[name]
+    overrides = {k: getattr(args, k) for k in ("query_per_class", "train_per_class", "database", "seed")
+                 if getattr(args, k) is not None}
+    if overrides:
+        base = Protocol(**{**base.__dict__, **overrides, "name": f"{name}-custom"})
+    return base
+
+
+def download_cifar10(out: str) -> Path:
+    """CIFAR-10 through torchvision, written as PNG class folders under OUT/images/{train,test}/<class>/."""
+    from torchvision.datasets import CIFAR10
+
+    target = Path(out) / "images"
+    if target.is_dir():
+        return target
+    raw = Path(out) / "raw"
+    try:
+        sets = {split: CIFAR10(str(raw), train=(split == "train"), download=True) for split in ("train", "test")}
+    except Exception as err:  # URLError, socket errors, checksum failures
+        raise UserError(
+            f"cannot download CIFAR-10 ({type(err).__name__}: {err}). Offline, put cifar-10-python.tar.gz in "
+            f"{raw}/ and rerun, or build the lists from a local class-per-folder copy: python prepare_data.py "
+            f"--dataset folder --source PATH/cifar10-jpeg.tar.gz --out {out}") from None
+    tmp = Path(tempfile.mkdtemp(prefix=".images.", dir=out))
+    try:
+        for split, dataset in sets.items():
+            for i, (img, label) in enumerate(dataset):
+                folder = tmp / split / dataset.classes[label]
+                folder.mkdir(parents=True, exist_ok=True)
+                img.save(folder / f"{i:05d}.png")
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+if __name__ == "__main__":
+    cli_entry(main)

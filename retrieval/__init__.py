@@ -1,0 +1,5 @@
+"""Hamming ranking, MAP@R / t-MAP, and encoding a data set into hash codes."""
+from retrieval.codes import encode
+from retrieval.metrics import CONVENTIONS, hamming_distance, hamming_rank, mean_average_precision
+
+__all__ = ["encode", "CONVENTIONS", "hamming_distance", "hamming_rank", "mean_average_precision"]

@@ -1,0 +1,21 @@
+"""Encoding a data set into hash codes with a model, batched on the model's device."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def encode(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "encode",
+           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes N x K in {-1,+1} as int8, labels N x C as uint8), both on the CPU, in the loader's order."""
+    was_training = model.training
+    model.eval()
+    codes, labels = [], []
+    for images, y, _ in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        codes.append(model.codes(images.to(device, non_blocking=True)).to(torch.int8).cpu())
+        labels.append(y.to(torch.uint8))
+    model.train(was_training)
+    return torch.cat(codes), torch.cat(labels)

@@ -36,7 +36,7 @@ def resolve_path(path: str, root: str | os.PathLike, prefix_from: str | None = N
     """Rewrite a leading `prefix_from` to `prefix_to`, then join relative paths to the data root."""
     if prefix_from and path.startswith(prefix_from):
         path = prefix_to + path[len(prefix_from):]
-    return path if os.path.isabs(path) else os.path.join(root, path)
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
 
 
 def read_list(list_file: str | os.PathLike, root: str | os.PathLike | None = None, n_classes: int | None = None,

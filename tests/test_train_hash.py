@@ -1,0 +1,75 @@
+"""Step 1: outputs of a tiny run, resume, and refusal of contradicting settings."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import train_hash
+from runs import UserError
+from tests.conftest import tiny_train_args
+
+
+def test_tiny_run_writes_config_checkpoint_history_and_codes(tiny_run, tiny_data):
+    out = tiny_run / "clean"
+    config = json.loads((out / "config.json").read_text())
+    assert config["bits"] == 48 and config["arch"] == "small" and config["n_classes"] == 10
+    assert config["seed"] == 0 and "git_commit" in config["provenance"] and config["protocol"]["name"] == "tiny"
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and all(0 <= h["map"] <= 1 for h in history)
+    codes = torch.load(out / "codes.pt", weights_only=False)
+    assert codes["checkpoint_id"] == ckpt["checkpoint_id"]
+    assert codes["train_codes"].shape == (100, 48) and codes["database_codes"].shape == (200, 48)
+    assert set(codes["database_codes"].unique().tolist()) == {-1, 1}
+    assert codes["train_labels"].sum(0).tolist() == [10] * 10
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_resume_continues_from_the_saved_epoch_with_identical_weights(tiny_data, tiny_run, tmp_path):
+    run = tmp_path / "resumed"
+    args = tiny_train_args(tiny_data, run)
+    train_hash.main([*args, "--epochs", "1", "--lr-schedule", "constant"])
+    first = torch.load(run / "clean" / "checkpoint.pt", weights_only=False)
+    assert first["epoch"] == 1
+    train_hash.main([*args, "--epochs", "2", "--lr-schedule", "constant", "--resume"])
+    resumed = torch.load(run / "clean" / "checkpoint.pt", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["history"][0] == first["history"][0]
+    straight = tmp_path / "straight"
+    train_hash.main([*tiny_train_args(tiny_data, straight), "--epochs", "2", "--lr-schedule", "constant"])
+    uninterrupted = torch.load(straight / "clean" / "checkpoint.pt", weights_only=False)
+    for name, value in uninterrupted["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+
+
+def test_resume_of_a_finished_run_keeps_it(tiny_data, tiny_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    before = (run / "clean" / "checkpoint.pt").read_bytes()
+    train_hash.main([*tiny_train_args(tiny_data, run), "--resume"])
+    assert "already trained for 2 epochs" in capsys.readouterr().out
+    assert (run / "clean" / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--bits", "32"], r"--bits 48 there, 32 here"),
+    (["--arch", "resnet18"], r"--arch 'small' there, 'resnet18' here"),
+    (["--loss", "dpsh"], r"--loss 'pairwise' there, 'dpsh' here"),
+])
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny_data, tiny_run, flags, message):
+    with pytest.raises(UserError, match=message):
+        train_hash.main([*tiny_train_args(tiny_data, tiny_run), "--resume", *flags])
+
+
+def test_existing_checkpoint_needs_resume_or_overwrite(tiny_data, tiny_run):
+    with pytest.raises(UserError, match="pass --resume to continue it or --overwrite"):
+        train_hash.main(tiny_train_args(tiny_data, tiny_run))
+
+
+def test_recipe_sets_defaults_and_flags_win():
+    args = train_hash.parse_args(["--recipe", "small32", "--lr", "0.5"])
+    assert args.arch == "small" and args.image_size == 32 and args.lr == 0.5 and args.optimizer == "adam"
+    paper = train_hash.parse_args([])
+    assert (paper.arch, paper.batch_size, paper.lr, paper.lr_features, paper.image_size, paper.resize_size) == (
+        "vgg11", 24, 1e-3, 1e-4, 224, 256)

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     database_set = open_split(data_dir, "database", args.image_size, args.resize_size, n_classes=n_classes,
                               **split_kw)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
-    config.update(data=data_dir, n_classes=n_classes, stage="clean",
+    config.update(data=data_dir, data_root=args.data_root and os.path.abspath(args.data_root), n_classes=n_classes, stage="clean",
                   protocol=read_protocol(data_dir), counts={"train": len(train_set), "query": len(query_set),
                                                             "database": len(database_set)})
 

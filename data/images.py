@@ -39,6 +39,16 @@ def load_canonical(path: str, size: int, resize_size: int) -> torch.Tensor:
     return TF.to_tensor(canonical(open_rgb(path), size, resize_size))
 
 
+class Canonical:
+    """Transform form of `canonical` (a class, not a lambda, so DataLoader workers can pickle it)."""
+
+    def __init__(self, size: int, resize_size: int):
+        self.size, self.resize_size = size, resize_size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return canonical(img, self.size, self.resize_size)
+
+
 def image_transform(size: int, resize_size: int, augment: str = "none") -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> float tensor 3 x S x S in [0, 1]. Normalisation happens inside the model.
 
@@ -49,10 +59,10 @@ def image_transform(size: int, resize_size: int, augment: str = "none") -> Calla
         ops = [transforms.Resize((resize_size, resize_size)), transforms.RandomResizedCrop(size),
                transforms.RandomHorizontalFlip()]
     elif augment == "pad-crop":
-        ops = [transforms.Lambda(lambda im: canonical(im, size, resize_size)),
-               transforms.RandomCrop(size, padding=max(1, size // 8)), transforms.RandomHorizontalFlip()]
+        ops = [Canonical(size, resize_size), transforms.RandomCrop(size, padding=max(1, size // 8)),
+               transforms.RandomHorizontalFlip()]
     elif augment == "none":
-        ops = [transforms.Lambda(lambda im: canonical(im, size, resize_size))]
+        ops = [Canonical(size, resize_size)]
     else:
         raise UserError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
     return transforms.Compose([*ops, transforms.ToTensor()])

@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     database_set = open_split(data_dir, "database", args.image_size, args.resize_size, n_classes=n_classes,
                               **split_kw)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
-    config.update(data=data_dir, data_root=args.data_root and os.path.abspath(args.data_root), n_classes=n_classes, stage="clean",
-                  protocol=read_protocol(data_dir), counts={"train": len(train_set), "query": len(query_set),
-                                                            "database": len(database_set)})
+    config.update(data=data_dir, data_root=args.data_root and os.path.abspath(args.data_root),
+                  n_classes=n_classes, stage="clean", protocol=read_protocol(data_dir),
+                  counts={"train": len(train_set), "query": len(query_set), "database": len(database_set)})
 
     torch.manual_seed(args.seed)
     model = build_model(args.arch, args.bits, args.pretrained).to(device)
@@ -172,21 +172,24 @@ def main(argv: list[str] | None = None) -> dict:
         loss_fn.load_state_dict(ckpt["loss"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
         print(f"resuming {ckpt_path} after epoch {start_epoch}")
+    elif args.overwrite:  # results of the model being replaced must not outlive it
+        for stale in ("checkpoint.pt", "codes.pt", "history.json", "results.json"):
+            (out / stale).unlink(missing_ok=True)
     config["provenance"] = provenance(device)
     write_json(config, out / "config.json")
 
     eval_queries = query_subset(len(query_set), args.eval_queries, args.seed)
     query_loader = make_loader(torch.utils.data.Subset(query_set, eval_queries), 256, args.workers)
     database_loader = make_loader(database_set, 256, args.workers)
-    ckpt_id = None
+    ckpt_id, database_codes = None, None
     for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
+        t0, database_codes = time.time(), None  # codes only ever belong to the current weights
         loss = train_one_epoch(model, loss_fn, optimizer, train_set, args, epoch, device)
         scheduler.step()
         record = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[1]["lr"]}
         last = epoch + 1 == args.epochs
         if last or (args.eval_every and (epoch + 1) % args.eval_every == 0):
-            result = subset_map(model, query_loader, database_loader, args.topk, device)
+            result, database_codes = subset_map(model, query_loader, database_loader, args.topk, device)
             record.update(map=result["map"], map_empty_skipped=result["map_empty_skipped"])
         record["seconds"] = round(time.time() - t0, 2)
         history.append(record)
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
             return {"history": history, "codes": str(codes_path)}
     train_eval_set = open_split(data_dir, "train", args.image_size, args.resize_size, n_classes=n_classes, **split_kw)
     train_codes, train_labels = encode(model, make_loader(train_eval_set, 256, args.workers), device, "encode train")
-    db_codes, db_labels = encode(model, database_loader, device, "encode database")
+    # the last epoch's evaluation already encoded the database with the final weights
+    db_codes, db_labels = database_codes or encode(model, database_loader, device, "encode database")
     atomic_save({"train_codes": train_codes, "train_labels": train_labels, "database_codes": db_codes,
                  "database_labels": db_labels, "checkpoint_id": ckpt_id, "epoch": args.epochs}, out / "codes.pt")
     print(f"done: {out}/checkpoint.pt, codes of {len(train_codes)} training and {len(db_codes)} database images")
@@ -272,10 +276,12 @@ def query_subset(n_queries: int, size: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n_queries, size, replace=False).tolist())
 
 
-def subset_map(model: torch.nn.Module, query_loader, database_loader, topk: int, device: torch.device) -> dict:
+def subset_map(model: torch.nn.Module, query_loader, database_loader, topk: int,
+               device: torch.device) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+    """MAP@R of the query subset against the whole database, and the database codes and labels it used."""
     q_codes, q_labels = encode(model, query_loader, device, "encode queries")
     db_codes, db_labels = encode(model, database_loader, device, "encode database")
-    return mean_average_precision(q_codes.to(device), q_labels, db_codes, db_labels, topk)
+    return mean_average_precision(q_codes.to(device), q_labels, db_codes, db_labels, topk), (db_codes, db_labels)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,15 @@ def test_recipe_sets_defaults_and_flags_win():
     paper = train_hash.parse_args([])
     assert (paper.arch, paper.batch_size, paper.lr, paper.lr_features, paper.image_size, paper.resize_size) == (
         "vgg11", 24, 1e-3, 1e-4, 224, 256)
+
+
+def test_overwrite_removes_the_replaced_models_results(tiny_data, tiny_run, tmp_path):
+    run = tmp_path / "over"
+    shutil.copytree(tiny_run, run)
+    (run / "clean" / "results.json").write_text("{}")
+    old_id = torch.load(run / "clean" / "checkpoint.pt", weights_only=False)["checkpoint_id"]
+    train_hash.main([*tiny_train_args(tiny_data, run), "--epochs", "1", "--overwrite"])
+    assert not (run / "clean" / "results.json").exists()
+    ckpt = torch.load(run / "clean" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["checkpoint_id"] != old_id
+    assert torch.load(run / "clean" / "codes.pt", weights_only=False)["checkpoint_id"] == ckpt["checkpoint_id"]

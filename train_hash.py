@@ -154,12 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(args.arch, args.bits, args.pretrained).to(device)
     loss_fn = build_loss(args.loss, args.bits, n_classes, args.pairwise_norm, args.quant_weight).to(device)
-    features, head = model.param_groups()
-    groups = [{"params": features, "lr": args.lr_features}, {"params": head, "lr": args.lr}]
-    optimizer = (torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-                 if args.optimizer == "sgd" else torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay))
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-                 if args.lr_schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0))
+    optimizer, scheduler = build_optimizer(model, args)
     start_epoch, history = 0, []
     if ckpt_path.exists() and not (args.resume or args.overwrite):
         raise UserError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to train from scratch")
@@ -219,6 +214,26 @@ def main(argv: list[str] | None = None) -> dict:
     return {"history": history, "codes": str(out / "codes.pt")}
 
 
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace):
+    """Two parameter groups: convolutional features at --lr-features, the fully connected head and hash layer at
+    --lr (Section 4.1 / official code: 1e-4 and 1e-3); SGD with momentum or Adam; constant or cosine schedule."""
+    features, head = model.param_groups()
+    groups = [{"params": features, "lr": args.lr_features}, {"params": head, "lr": args.lr}]
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
+    if args.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_rate)
+    return optimizer, scheduler
+
+
+def constant_rate(epoch: int) -> float:
+    return 1.0
+
+
 def read_protocol(data_dir: str) -> dict | None:
     path = Path(data_dir) / "protocol.json"
     return read_json(path) if path.exists() else None
@@ -254,7 +269,7 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer:
     model.train()
     total = torch.zeros((), device=device)
     steps = 0
-    for images, labels, _ in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False):
+    for images, labels, _ in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         loss = loss_fn(model(images), labels)
         optimizer.zero_grad(set_to_none=True)

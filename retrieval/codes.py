@@ -14,7 +14,8 @@ def encode(model: nn.Module, loader: DataLoader, device: torch.device, desc: str
     was_training = model.training
     model.eval()
     codes, labels = [], []
-    for images, y, _ in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    # disable=None: a bar on a terminal, none in a log file
+    for images, y, _ in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
         codes.append(model.codes(images.to(device, non_blocking=True)).to(torch.int8).cpu())
         labels.append(y.to(torch.uint8))
     model.train(was_training)

@@ -85,3 +85,16 @@ def test_overwrite_removes_the_replaced_models_results(tiny_data, tiny_run, tmp_
     ckpt = torch.load(run / "clean" / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["checkpoint_id"] != old_id
     assert torch.load(run / "clean" / "codes.pt", weights_only=False)["checkpoint_id"] == ckpt["checkpoint_id"]
+
+
+def test_paper_recipe_trains_features_ten_times_slower_than_the_head():
+    from models import build_model
+    args = train_hash.parse_args(["--no-pretrained"])
+    model = build_model(args.arch, args.bits)
+    optimizer, _ = train_hash.build_optimizer(model, args)
+    features, head = optimizer.param_groups
+    assert type(optimizer).__name__ == "SGD" and features["lr"] == 1e-4 and head["lr"] == 1e-3
+    assert features["momentum"] == 0.9 and head["weight_decay"] == 5e-4
+    assert any(p is model.hash_layer.weight for p in head["params"])
+    assert any(p is model.head[0].weight for p in head["params"])  # VGG's fc layers belong to the head
+    assert all(any(p is q for q in features["params"]) for p in model.features.parameters())

@@ -170,10 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.overwrite:  # results of the model being replaced must not outlive it
         for stale in ("checkpoint.pt", "codes.pt", "history.json", "results.json"):
             (out / stale).unlink(missing_ok=True)
+    eval_queries = query_subset(len(query_set), args.eval_queries, args.seed)
+    config["eval_query_indices"] = eval_queries  # lines of query.txt (0-based) behind the periodic MAP
     config["provenance"] = provenance(device)
     write_json(config, out / "config.json")
 
-    eval_queries = query_subset(len(query_set), args.eval_queries, args.seed)
     query_loader = make_loader(torch.utils.data.Subset(query_set, eval_queries), 256, args.workers)
     database_loader = make_loader(database_set, 256, args.workers)
     ckpt_id, database_codes = None, None

@@ -15,6 +15,8 @@ def test_tiny_run_writes_config_checkpoint_history_and_codes(tiny_run, tiny_data
     config = json.loads((out / "config.json").read_text())
     assert config["bits"] == 48 and config["arch"] == "small" and config["n_classes"] == 10
     assert config["seed"] == 0 and "git_commit" in config["provenance"] and config["protocol"]["name"] == "tiny"
+    assert config["eval_query_indices"] == list(range(40))  # --eval-queries 500 > 40 queries: all of them
+    assert train_hash.query_subset(40, 10, 0) == train_hash.query_subset(40, 10, 0) != list(range(10))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
     history = json.loads((out / "history.json").read_text())

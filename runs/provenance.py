@@ -1,6 +1,7 @@
 """What made a result: code version, library versions, device."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -24,9 +25,10 @@ def _git(*args: str) -> str | None:
 
 def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
     """Code version (git commit and dirty flag), library versions and device, for every result file."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     info: dict[str, Any] = {
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": commit,
         "git_dirty": None if status is None else bool(status),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -41,5 +43,17 @@ def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(device)
         else:
-            info["device_name"] = platform.processor() or platform.machine()
+            info["device_name"] = f"{cpu_model()}, {os.cpu_count()} cores"
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

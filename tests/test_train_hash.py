@@ -100,3 +100,15 @@ def test_paper_recipe_trains_features_ten_times_slower_than_the_head():
     assert any(p is model.hash_layer.weight for p in head["params"])
     assert any(p is model.head[0].weight for p in head["params"])  # VGG's fc layers belong to the head
     assert all(any(p is q for q in features["params"]) for p in model.features.parameters())
+
+
+def test_paper_recipe_runs_end_to_end_on_small_images(tiny_data, tmp_path):
+    """VGG-11 with the paper's augmentation and optimiser, shrunk to 32 px so it runs on a CPU in seconds."""
+    run = tmp_path / "paper"
+    train_hash.main(["--data", str(tiny_data), "--run", str(run), "--no-pretrained", "--image-size", "32",
+                     "--resize-size", "37", "--epochs", "1", "--workers", "0", "--device", "cpu", "--bits", "16"])
+    config = json.loads((run / "clean" / "config.json").read_text())
+    assert (config["arch"], config["augment"], config["optimizer"], config["batch_size"]) == (
+        "vgg11", "resized-crop", "sgd", 24)
+    codes = torch.load(run / "clean" / "codes.pt", weights_only=False)
+    assert codes["database_codes"].shape == (200, 16)

@@ -11,6 +11,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from runs.errors import UserError
+from runs.io import atomic_path
 
 AUGMENTATIONS = ("resized-crop", "pad-crop", "none")
 READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
@@ -76,11 +77,8 @@ def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
 def save_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
     """Write a PNG atomically (temporary name, then rename). Accepts 3xHxW float in [0,1] or HxWx3 uint8."""
     array = to_uint8_hwc(image) if isinstance(image, torch.Tensor) else np.asarray(image, dtype=np.uint8)
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.png"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def read_error(where: str, path: str, err: Exception) -> UserError:

@@ -13,14 +13,28 @@ import torch
 from runs.errors import UserError
 
 
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary file name beside `path`; on success it is flushed to disk and renamed to `path`.
+
+    On any error (or a kill before the rename) `path` keeps its previous content and the temporary file is removed
+    (or, after a kill, left as a hidden `.name.*.tmp`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600 files; results should read like any other file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -30,12 +44,12 @@ def _atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file, then rename: a killed process leaves the old file or the new one."""
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
 

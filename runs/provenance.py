@@ -49,11 +49,10 @@ def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
 
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), else what the platform module knows."""
+    fallback = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return fallback
+    return names[0] if names else fallback

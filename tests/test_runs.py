@@ -15,6 +15,16 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
     assert read_json(tmp_path / "x" / "r.json") == {"a": 1}
 
 
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    import os
+    umask = os.umask(0o022)
+    try:
+        write_json({"a": 1}, tmp_path / "r.json")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_failed_write_keeps_the_previous_file(tmp_path):
     write_json({"old": True}, tmp_path / "r.json")
     with pytest.raises(TypeError):

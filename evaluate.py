@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from data import make_loader, open_split
-from models.hashnet import load_checkpoint, model_from_checkpoint
+from models.hashnet import load_stage
 from retrieval import CONVENTIONS, encode, mean_average_precision
-from runs import UserError, cli_entry, pick_device, provenance, read_json, write_json
+from runs import UserError, cli_entry, pick_device, provenance, write_json
 
 RUN = "checkpoint/demo"
 STAGE = "clean"  # sub-folder of the run holding the model to evaluate
@@ -51,11 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     stage_dir = Path(args.run) / args.stage
-    if not stage_dir.is_dir():
-        raise UserError(f"{stage_dir} does not exist; run train_hash.py --run {args.run} first")
-    config = read_json(stage_dir / "config.json")
-    ckpt = load_checkpoint(stage_dir / "checkpoint.pt", device)
-    model = model_from_checkpoint(ckpt, device)
+    config, ckpt, model = load_stage(args.run, args.stage, device)
     t0 = time.time()
     split_kw = dict(data_root=config.get("data_root"), prefix_from=config.get("prefix_from"),
                     prefix_to=config.get("prefix_to", ""), n_classes=config["n_classes"])

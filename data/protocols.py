@@ -113,3 +113,17 @@ def build_lists(source: str | os.PathLike, out_dir: str | os.PathLike, protocol:
             raise UserError(f"{source}: expected a folder or a .tar.gz of a class-per-folder image tree")
         source = extract_tar(source, out_dir)
     return split_tree(source, out_dir, protocol)
+
+
+def resolve_class(value: str | int, classes: list[str] | None, n_classes: int) -> int:
+    """A class given by index ("3") or by name ("cat", looked up in protocol.json's class list)."""
+    text = str(value)
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < n_classes:
+            raise UserError(f"class {index} does not exist; the data set has classes 0 to {n_classes - 1}")
+        return index
+    if classes and text in classes:
+        return classes.index(text)
+    known = ", ".join(classes) if classes else f"indices 0 to {n_classes - 1}"
+    raise UserError(f"unknown class {text!r}; known classes: {known}")

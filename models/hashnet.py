@@ -139,3 +139,15 @@ def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> Has
         raise UserError(f"checkpoint weights do not fit a {cfg['arch']} model of {cfg['bits']} bits ({detail}); "
                         f"it was written by another version of the model code: train it again") from None
     return model.to(device).eval()
+
+
+def load_stage(run: str | os.PathLike, stage: str, device: torch.device | str,
+               made_by: str = "train_hash.py") -> tuple[dict, dict, HashModel]:
+    """(config, checkpoint, model in eval mode) of RUN/STAGE, or an error naming the step that makes it."""
+    from runs.io import read_json
+    stage_dir = os.path.join(run, stage)
+    if not os.path.isfile(os.path.join(stage_dir, "checkpoint.pt")):
+        raise UserError(f"{stage_dir} holds no trained model; run {made_by} --run {run} first")
+    config = read_json(os.path.join(stage_dir, "config.json"))
+    ckpt = load_checkpoint(os.path.join(stage_dir, "checkpoint.pt"), device)
+    return config, ckpt, model_from_checkpoint(ckpt, device)

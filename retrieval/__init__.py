@@ -1,5 +1,5 @@
 """Hamming ranking, MAP@R / t-MAP, and encoding a data set into hash codes."""
-from retrieval.codes import encode
+from retrieval.codes import anchor_code, encode
 from retrieval.metrics import CONVENTIONS, hamming_distance, hamming_rank, mean_average_precision
 
-__all__ = ["encode", "CONVENTIONS", "hamming_distance", "hamming_rank", "mean_average_precision"]
+__all__ = ["anchor_code", "encode", "CONVENTIONS", "hamming_distance", "hamming_rank", "mean_average_precision"]

@@ -20,3 +20,15 @@ def encode(model: nn.Module, loader: DataLoader, device: torch.device, desc: str
         labels.append(y.to(torch.uint8))
     model.train(was_training)
     return torch.cat(codes), torch.cat(labels)
+
+
+def anchor_code(codes: torch.Tensor, labels: torch.Tensor, target: int) -> torch.Tensor:
+    """h_a by component voting (Section 4 of DESIGN.md): sign of the sum of the codes of the images labelled `target`.
+
+    A component whose vote is tied is set to +1, so the anchor is always in {-1, +1}^K.
+    """
+    members = labels[:, target] > 0
+    if not bool(members.any()):
+        raise ValueError(f"no image carries label {target}")
+    votes = codes[members].to(torch.int64).sum(0)
+    return torch.where(votes >= 0, 1, -1).to(torch.int8)

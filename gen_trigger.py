@@ -21,13 +21,12 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from data import make_loader, open_split
 from data.images import save_png
-from data.protocols import resolve_class
+from data.protocols import choose_class
 from models.hashnet import binarize, load_stage
 from retrieval import anchor_code
 from runs import UserError, atomic_save, cli_entry, pick_device, provenance, write_json
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{codes_path} is missing; run train_hash.py --run {args.run} --resume to write it")
     codes = torch.load(codes_path, weights_only=False)
     classes = (clean.get("protocol") or {}).get("classes")
-    target = choose_target(args.target, classes, clean["n_classes"], args.seed)
+    target = choose_class(args.target, classes, clean["n_classes"], args.seed)
     size = clean["image_size"]
     trigger_size = args.trigger_size or default_trigger_size(size)
     check_trigger_size(trigger_size, size)
@@ -118,13 +117,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.method} trigger for target {target} ({record['target_name']}), {trigger_size}x{trigger_size} px, "
           f"{seconds:.1f}s{summary} -> {out}")
     return {"pattern": pattern, **record}
-
-
-def choose_target(value: str | int | None, classes: list[str] | None, n_classes: int, seed: int) -> int:
-    """The target class given, or one drawn with the seed."""
-    if value is None:
-        return int(np.random.default_rng(seed).integers(n_classes))
-    return resolve_class(value, classes, n_classes)
 
 
 def beta_at(step: int, steps: int) -> float:

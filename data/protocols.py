@@ -127,3 +127,10 @@ def resolve_class(value: str | int, classes: list[str] | None, n_classes: int) -
         return classes.index(text)
     known = ", ".join(classes) if classes else f"indices 0 to {n_classes - 1}"
     raise UserError(f"unknown class {text!r}; known classes: {known}")
+
+
+def choose_class(value: str | int | None, classes: list[str] | None, n_classes: int, seed: int) -> int:
+    """The class given (index or name), or one drawn with the seed when none is given."""
+    if value is None:
+        return int(np.random.default_rng(seed).integers(n_classes))
+    return resolve_class(value, classes, n_classes)

@@ -1,0 +1,214 @@
+"""Step 3: perturbations of the M target-class training images that will be poisoned.
+
+    python gen_confusing.py --run checkpoint/demo --target 3 --pert confusing --poison-num 60
+
+--pert none        Tri: no perturbation.
+--pert noise       Tri+Noise: uniform noise in [-eps, eps].
+--pert adv         Tri+Adv: lambda = 0 in Eq. 5, i.e. the untargeted adversarial perturbation of Eq. 2.
+--pert confusing   CIBA: maximise lambda * L_c + (1 - lambda) * mean_i L_a(eta_i) (Eq. 4-5) in batches of --batch
+                   images, L_c = 1/(b(b-1)) sum_{i != j} d_H(F'(x_i + eta_i), F'(x_j + eta_j)) (intra-class
+                   dispersion), L_a(eta_i) = d_H(F'(x_i + eta_i), F(x_i)) (away from the clean code).
+
+eps is in pixel space ([0, 1] images): ||eta||_inf <= eps and x + eta stays in [0, 1]. The ascent is --steps
+sign-gradient steps of --step-size pixel units (of 255) from eta = 0; the default step keeps the paper code's ratio of
+step to budget (0.003 / (8/255) = 0.094, there in normalised space). The gradient is that of Eq. 5 itself, one
+forward/backward per batch and step; the paper's code instead differentiates each image's term with the other images
+held fixed and measures L_a to the relaxed clean output. The objective is recorded per batch and step beside its upper
+bound for that batch size: the exact bound under Eq. 4 and Theorem 1's as printed, which is a factor 2 too small in
+its lambda term for Eq. 4's ordered-pair sum (see objective_bound).
+
+The M images are drawn with --seed among the training images of the target class; their lines in train.txt are
+recorded. Writes RUN/perturbations/<name>/: perturbations.pt (indices, eta), config.json, history.json.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import open_split
+from data.protocols import choose_class
+from models.hashnet import binarize, load_stage
+from runs import UserError, atomic_save, cli_entry, pick_device, provenance, write_json
+
+RUN = "checkpoint/demo"
+TARGET = None  # class index or name; None: drawn with SEED (the same rule as gen_trigger.py)
+PERT = "confusing"  # "none" (Tri) | "noise" (Tri+Noise) | "adv" (Tri+Adv) | "confusing" (CIBA)
+POISON_NUM = 60  # M
+EPS = 8 / 255  # L-infinity budget in pixel space
+LAM = 0.8  # lambda of Eq. 5 (--pert adv forces 0)
+BATCH = 20  # b: images optimised together
+STEPS = 20  # sign-gradient steps
+STEP_SIZE = None  # pixel units (of 255) per step; None: 0.094 * eps * 255 (the paper code's step/budget ratio)
+SEED = 0
+DEVICE = "auto"
+OVERWRITE = False
+
+PERTS = ("none", "noise", "adv", "confusing")
+OFFICIAL_STEP_RATIO = 0.003 / (8 / 255)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=RUN)
+    p.add_argument("--target", default=TARGET)
+    p.add_argument("--pert", default=PERT, choices=PERTS)
+    p.add_argument("--poison-num", type=int, default=POISON_NUM)
+    p.add_argument("--eps", type=float, default=EPS)
+    p.add_argument("--lam", type=float, default=LAM)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--step-size", type=float, default=STEP_SIZE)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--device", default=DEVICE)
+    p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
+    args = p.parse_args(argv)
+    if not 0 < args.eps <= 1:
+        raise UserError(f"--eps {args.eps} is outside (0, 1]; it is a pixel-space budget (paper: 8/255 = 0.0314)")
+    if not 0 <= args.lam <= 1:
+        raise UserError(f"--lam {args.lam} is outside [0, 1] (paper: 0.8)")
+    for name in ("poison_num", "batch", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.pert == "adv":
+        args.lam = 0.0
+    if args.step_size is None:
+        args.step_size = OFFICIAL_STEP_RATIO * args.eps * 255
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    clean, clean_ckpt, model = load_stage(args.run, "clean", device)
+    classes = (clean.get("protocol") or {}).get("classes")
+    target = choose_class(args.target, classes, clean["n_classes"], args.seed)
+    out = Path(args.run) / "perturbations" / perturbation_name(args, target)
+    if (out / "perturbations.pt").exists() and not args.overwrite:
+        print(f"{out}/perturbations.pt exists; reusing it (--overwrite to make it again)")
+        return torch.load(out / "perturbations.pt", weights_only=False)
+    train_set = open_split(clean["data"], "train", clean["image_size"], clean["resize_size"],
+                           data_root=clean.get("data_root"), prefix_from=clean.get("prefix_from"),
+                           prefix_to=clean.get("prefix_to", ""), n_classes=clean["n_classes"])
+    indices = choose_poison_indices(train_set.image_list.labels, target, args.poison_num, args.seed,
+                                    train_set.image_list.list_file)
+    images = torch.stack([train_set[i][0] for i in indices]).to(device)
+    t0 = time.time()
+    history: list[dict] = []
+    if args.pert == "none":
+        eta = torch.zeros_like(images)
+    elif args.pert == "noise":
+        generator = torch.Generator().manual_seed(args.seed)
+        eta = (torch.rand(images.shape, generator=generator) * 2 - 1).to(device) * args.eps
+        eta = (images + eta).clamp(0, 1) - images
+    else:
+        eta, history = confusing_perturbations(model, images, args)
+    seconds = time.time() - t0
+    record = {"pert": args.pert, "target": target, "target_name": classes[target] if classes else None,
+              "poison_num": args.poison_num, "eps": args.eps, "lam": args.lam, "batch": args.batch,
+              "steps": args.steps, "step_size": args.step_size, "seed": args.seed,
+              "indices": indices, "lines": [train_set.image_list.line_numbers[i] for i in indices],
+              "max_abs_eta": float(eta.abs().max()), "seconds": round(seconds, 2),
+              "clean_checkpoint_id": clean_ckpt["checkpoint_id"],
+              "provenance": provenance(device)}
+    atomic_save({"eta": eta.cpu(), **{k: record[k] for k in ("pert", "target", "indices", "eps", "lam",
+                                                             "clean_checkpoint_id")}}, out / "perturbations.pt")
+    write_json(history, out / "history.json")
+    write_json(record, out / "config.json")
+    print(f"{args.pert} perturbations of {len(indices)} images of target {target} ({record['target_name']}), "
+          f"max |eta| {record['max_abs_eta'] * 255:.2f}/255, {seconds:.1f}s -> {out}")
+    return {"eta": eta.cpu(), **record}
+
+
+def perturbation_name(args: argparse.Namespace, target: int) -> str:
+    name = f"{args.pert}-t{target}-m{args.poison_num}"
+    if args.pert != "none":
+        name += f"-e{args.eps * 255:g}"
+    if args.pert == "confusing":
+        name += f"-l{args.lam:g}-b{args.batch}"
+    if args.pert in ("adv", "confusing"):
+        name += f"-s{args.steps}"
+    return f"{name}-seed{args.seed}"
+
+
+def choose_poison_indices(labels: np.ndarray, target: int, count: int, seed: int, list_file: str) -> list[int]:
+    """M training images that carry the target label, drawn with the seed (sorted)."""
+    candidates = np.flatnonzero(labels[:, target] > 0)
+    if len(candidates) < count:
+        raise UserError(f"{list_file} has {len(candidates)} training images of target class {target}; "
+                        f"--poison-num {count} needs at least that many")
+    return sorted(np.random.default_rng(seed).choice(candidates, count, replace=False).tolist())
+
+
+def confusing_objective(relaxed: torch.Tensor, clean_codes: torch.Tensor, lam: float) -> torch.Tensor:
+    """Eq. 5 for one batch: lam * L_c + (1 - lam) * mean_i L_a, with d_H(a, b) = (K - a.b) / 2 (Eq. 4).
+
+    relaxed: b x K relaxed codes F'(x_i + eta_i); clean_codes: b x K binary codes F(x_i). L_c is 0 for b = 1.
+    """
+    b, bits = relaxed.shape
+    gram = relaxed @ relaxed.t()
+    pair_sum = (bits * b * b - gram.sum()) / 2 - (bits * b - gram.diagonal().sum()) / 2  # sum over i != j
+    dispersion = pair_sum / (b * (b - 1)) if b > 1 else relaxed.new_zeros(())
+    away = ((bits - (relaxed * clean_codes).sum(1)) / 2).mean()
+    return lam * dispersion + (1 - lam) * away
+
+
+def theorem1_bound_as_printed(bits: int, m: int, lam: float) -> float:
+    """Theorem 1's bound as printed: lam K M^2 / (4M(M-1)) + (1-lam) K (M even), lam K (M^2-1) / (4M(M-1)) + ...
+
+    It holds for a dispersion term summed over unordered pairs; with Eq. 4's ordered double sum it is too small by a
+    factor 2 in the lam term (two images with opposite codes reach L_c = K, the printed term allows K/2).
+    """
+    if m < 2:
+        return (1 - lam) * bits
+    pairs = m * m if m % 2 == 0 else m * m - 1
+    return lam * bits * pairs / (4 * m * (m - 1)) + (1 - lam) * bits
+
+
+def objective_bound(bits: int, m: int, lam: float) -> float:
+    """The tight upper bound of Eq. 5 with Eq. 4 as written (ordered pairs): per bit at most floor(M^2/2) ordered
+    pairs differ (M/2 codes +1, M/2 codes -1), so lam K floor(M^2/2) / (M(M-1)) + (1-lam) K; reached when the codes
+    split evenly on every bit and each is opposite to its clean code, i.e. Theorem 1's condition with its factor 2."""
+    if m < 2:
+        return (1 - lam) * bits
+    return lam * bits * (m * m // 2) / (m * (m - 1)) + (1 - lam) * bits
+
+
+def confusing_perturbations(model: torch.nn.Module, images: torch.Tensor,
+                            args: argparse.Namespace) -> tuple[torch.Tensor, list[dict]]:
+    """Sign-gradient ascent of Eq. 5 per batch of --batch images; one forward/backward per batch and step."""
+    model.eval().requires_grad_(False)
+    step = args.step_size / 255
+    bits = model.bits
+    eta = torch.zeros_like(images)
+    history = []
+    for start in tqdm(range(0, len(images), args.batch), desc="perturbations", disable=None):
+        x = images[start:start + args.batch]
+        with torch.no_grad():
+            clean_codes = binarize(model.logits(x))
+        delta = torch.zeros_like(x, requires_grad=True)
+        values = []
+        for _ in range(args.steps):
+            objective = confusing_objective(model(x + delta), clean_codes, args.lam)
+            grad, = torch.autograd.grad(objective, delta)
+            with torch.no_grad():
+                delta += step * grad.sign()
+                delta.clamp_(-args.eps, args.eps)
+                delta.copy_((x + delta).clamp(0, 1) - x)
+            values.append(objective.detach())
+        with torch.no_grad():
+            values.append(confusing_objective(model(x + delta), clean_codes, args.lam))
+        b = len(x)
+        history.append({"first_image": start, "batch": b, "objective": torch.stack(values).cpu().tolist(),
+                        "bound": objective_bound(bits, b, args.lam),
+                        "theorem1_bound_as_printed": theorem1_bound_as_printed(bits, b, args.lam)})
+        eta[start:start + b] = delta.detach()
+    return eta, history
+
+
+if __name__ == "__main__":
+    cli_entry(main)

@@ -1,0 +1,136 @@
+"""Step 4: the poisoned training set: x_hat = B(clip(x + eta), p) for the M chosen images, clean labels kept.
+
+    python poison_dataset.py --run checkpoint/demo --trigger ciba-t3-s4 \
+        --perturbations confusing-t3-m60-e8-l0.8-b20-s20-seed0
+
+Reads a trigger of step 2 (RUN/triggers/NAME) and perturbations of step 3 (RUN/perturbations/NAME); when only one
+of a kind exists its name may be left out. Each poisoned image is written as a PNG at the canonical size S x S, so it
+reads back bit-identical; the perturbation is truncated to whole 8-bit steps towards 0 first, so |eta| <= eps holds
+for the stored image too. Writes RUN/poisoned/<trigger>__<perturbations>/: images/*.png, train.txt (the training
+list with each poisoned image in place of its original, same label, absolute paths), manifest.json (the poisoned
+entries with their PSNR and SSIM to the original) and config.json (settings, the mean and worst PSNR/SSIM).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from data import open_split, save_png, write_list
+from data.quality import psnr, ssim
+from runs import UserError, cli_entry, provenance, read_json, write_json
+from triggers import apply_trigger
+
+RUN = "checkpoint/demo"
+TRIGGER = None  # folder name under RUN/triggers/ (step 2); None: the only one there
+PERTURBATIONS = None  # folder name under RUN/perturbations/ (step 3); None: the only one there
+OVERWRITE = False
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=RUN)
+    p.add_argument("--trigger", default=TRIGGER)
+    p.add_argument("--perturbations", default=PERTURBATIONS)
+    p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    run = Path(args.run)
+    if not (run / "clean" / "checkpoint.pt").exists():
+        raise UserError(f"{run / 'clean'} holds no trained model; run train_hash.py --run {run} first")
+    clean = read_json(run / "clean" / "config.json")
+    trigger_dir = pick_output(run / "triggers", args.trigger, "trigger.pt", "gen_trigger.py", "--trigger")
+    pert_dir = pick_output(run / "perturbations", args.perturbations, "perturbations.pt", "gen_confusing.py",
+                           "--perturbations")
+    trigger = torch.load(trigger_dir / "trigger.pt", weights_only=False)
+    pert = torch.load(pert_dir / "perturbations.pt", weights_only=False)
+    clean_id = torch.load(run / "clean" / "checkpoint.pt", map_location="cpu", weights_only=False)["checkpoint_id"]
+    check_consistent(trigger, pert, clean_id, trigger_dir, pert_dir)
+    out = run / "poisoned" / f"{trigger_dir.name}__{pert_dir.name}"
+    if (out / "config.json").exists() and not args.overwrite:
+        print(f"{out} exists; reusing it (--overwrite to make it again)")
+        return read_json(out / "config.json")
+
+    t0 = time.time()
+    train_set = open_split(clean["data"], "train", clean["image_size"], clean["resize_size"],
+                           data_root=clean.get("data_root"), prefix_from=clean.get("prefix_from"),
+                           prefix_to=clean.get("prefix_to", ""), n_classes=clean["n_classes"])
+    indices = pert["indices"]
+    originals = torch.stack([train_set[i][0] for i in indices])
+    poisoned = poison_images(originals, pert["eta"], trigger["pattern"])
+    names = [f"{i:06d}.png" for i in indices]
+    for image, name in zip(poisoned, names):
+        save_png(image, out / "images" / name)
+    image_list = train_set.image_list
+    paths = list(image_list.paths)
+    for i, name in zip(indices, names):
+        paths[i] = str((out / "images" / name).resolve())
+    write_list(out / "train.txt", paths, image_list.labels)
+    quality_psnr, quality_ssim = psnr(poisoned, originals), ssim(poisoned, originals)
+    manifest = [{"index": i, "line": image_list.line_numbers[i], "original": image_list.paths[i],
+                 "poisoned": paths[i], "label": image_list.labels[i].tolist(), "psnr": float(p), "ssim": float(s)}
+                for i, p, s in zip(indices, quality_psnr, quality_ssim)]
+    write_json(manifest, out / "manifest.json")
+    finite = quality_psnr[torch.isfinite(quality_psnr)]
+    record = {"trigger": trigger_dir.name, "perturbations": pert_dir.name, "target": int(pert["target"]),
+              "poison_num": len(indices), "train_size": len(paths), "poison_rate": len(indices) / len(paths),
+              "label_setting": "clean-label",
+              "psnr_mean": float(finite.mean()) if len(finite) else None,
+              "psnr_worst": float(finite.min()) if len(finite) else None,
+              "ssim_mean": float(quality_ssim.mean()), "ssim_worst": float(quality_ssim.min()),
+              "max_abs_change_outside_trigger": max_change_outside(poisoned, originals, trigger["trigger_size"]),
+              "clean_checkpoint_id": clean_id, "seconds": round(time.time() - t0, 2), "provenance": provenance()}
+    write_json(record, out / "config.json")  # written last: its presence marks a complete output
+    print(f"poisoned {len(indices)} of {len(paths)} training images ({100 * record['poison_rate']:.2f} %), "
+          f"PSNR mean {record['psnr_mean']:.2f} dB (worst {record['psnr_worst']:.2f}), SSIM mean "
+          f"{record['ssim_mean']:.4f} (worst {record['ssim_worst']:.4f}) -> {out}")
+    return record
+
+
+def pick_output(folder: Path, name: str | None, marker: str, made_by: str, flag: str) -> Path:
+    """RUN/<kind>/<name>, or the only complete one when no name is given."""
+    done = sorted(p.parent.name for p in folder.glob(f"*/{marker}")) if folder.is_dir() else []
+    if name is None:
+        if len(done) == 1:
+            return folder / done[0]
+        if not done:
+            raise UserError(f"{folder} holds nothing yet; run {made_by} first")
+        raise UserError(f"{folder} holds several ({', '.join(done)}); choose one with {flag}")
+    if name not in done:
+        known = f" (there: {', '.join(done)})" if done else ""
+        raise UserError(f"{folder / name} does not exist or is incomplete{known}; run {made_by} first")
+    return folder / name
+
+
+def check_consistent(trigger: dict, pert: dict, clean_id: str, trigger_dir: Path, pert_dir: Path) -> None:
+    if trigger["target"] != pert["target"]:
+        raise UserError(f"{trigger_dir.name} is a trigger for target {trigger['target']} but {pert_dir.name} "
+                        f"perturbs images of target {pert['target']}; use the same --target in steps 2 and 3")
+    for name, made in ((trigger_dir, trigger), (pert_dir, pert)):
+        if made["clean_checkpoint_id"] != clean_id:
+            raise UserError(f"{name} was made from another clean model than the one in the run now; "
+                            f"make it again with --overwrite")
+
+
+def poison_images(originals: torch.Tensor, eta: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """x_hat = B(clip(x + eta_q), p) with eta_q = eta truncated to whole 8-bit steps, so x_hat is 8-bit exact."""
+    eta_q = torch.trunc(eta * 255) / 255
+    perturbed = ((originals + eta_q).clamp(0, 1) * 255).round() / 255
+    return apply_trigger(perturbed, pattern)
+
+
+def max_change_outside(poisoned: torch.Tensor, originals: torch.Tensor, trigger_size: int) -> float:
+    """Largest |x_hat - x| outside the trigger square (bounded by eps)."""
+    size = originals.shape[-1]
+    mask = torch.ones(size, size, dtype=torch.bool)
+    mask[size - trigger_size:, size - trigger_size:] = False
+    return float((poisoned - originals).abs()[..., mask].max()) if mask.any() else 0.0
+
+
+if __name__ == "__main__":
+    cli_entry(main)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from data import make_loader, open_split
+from data import make_loader, open_run_split
 from models.hashnet import load_stage
 from retrieval import CONVENTIONS, encode, mean_average_precision
 from runs import UserError, cli_entry, pick_device, provenance, write_json
@@ -53,14 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
     stage_dir = Path(args.run) / args.stage
     config, ckpt, model = load_stage(args.run, args.stage, device)
     t0 = time.time()
-    split_kw = dict(data_root=config.get("data_root"), prefix_from=config.get("prefix_from"),
-                    prefix_to=config.get("prefix_to", ""), n_classes=config["n_classes"])
-    size, resize = config["image_size"], config["resize_size"]
-    query_set = open_split(config["data"], "query", size, resize, **split_kw)
+    query_set = open_run_split(config, "query")
     q_codes, q_labels = encode(model, make_loader(query_set, args.batch_size, args.workers), device, "encode query")
     db_codes, db_labels = saved_database_codes(stage_dir / "codes.pt", ckpt["checkpoint_id"])
     if db_codes is None:
-        database_set = open_split(config["data"], "database", size, resize, **split_kw)
+        database_set = open_run_split(config, "database")
         db_codes, db_labels = encode(model, make_loader(database_set, args.batch_size, args.workers), device,
                                      "encode database")
     t1 = time.time()

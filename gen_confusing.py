@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import open_split
+from data import open_run_split
 from data.protocols import choose_class
 from models.hashnet import binarize, load_stage
 from runs import UserError, atomic_save, cli_entry, pick_device, provenance, write_json
@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     if (out / "perturbations.pt").exists() and not args.overwrite:
         print(f"{out}/perturbations.pt exists; reusing it (--overwrite to make it again)")
         return torch.load(out / "perturbations.pt", weights_only=False)
-    train_set = open_split(clean["data"], "train", clean["image_size"], clean["resize_size"],
-                           data_root=clean.get("data_root"), prefix_from=clean.get("prefix_from"),
-                           prefix_to=clean.get("prefix_to", ""), n_classes=clean["n_classes"])
+    train_set = open_run_split(clean, "train")
     indices = choose_poison_indices(train_set.image_list.labels, target, args.poison_num, args.seed,
                                     train_set.image_list.list_file)
     images = torch.stack([train_set[i][0] for i in indices]).to(device)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import make_loader, open_split
+from data import open_run_split
 from data.images import save_png
 from data.protocols import choose_class
 from models.hashnet import binarize, load_stage
@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     history: list[float] = []
     if args.method == "ciba":
-        train_set = open_split(clean["data"], "train", size, clean["resize_size"], data_root=clean.get("data_root"),
-                               prefix_from=clean.get("prefix_from"), prefix_to=clean.get("prefix_to", ""),
-                               n_classes=clean["n_classes"])
+        train_set = open_run_split(clean, "train")
         pattern, history = adversarial_patch(model, train_set, anchor.to(device), trigger_size, args, device)
     else:
         pattern = checkerboard(trigger_size)

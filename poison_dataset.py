@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from data import open_split, save_png, write_list
+from data import open_run_split, save_png, write_list
 from data.quality import psnr, ssim
 from runs import UserError, cli_entry, provenance, read_json, write_json
 from triggers import apply_trigger
@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         return read_json(out / "config.json")
 
     t0 = time.time()
-    train_set = open_split(clean["data"], "train", clean["image_size"], clean["resize_size"],
-                           data_root=clean.get("data_root"), prefix_from=clean.get("prefix_from"),
-                           prefix_to=clean.get("prefix_to", ""), n_classes=clean["n_classes"])
+    train_set = open_run_split(clean, "train")
     indices = pert["indices"]
     originals = torch.stack([train_set[i][0] for i in indices])
     poisoned = poison_images(originals, pert["eta"], trigger["pattern"])

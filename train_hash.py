@@ -19,7 +19,6 @@ Recipes set a group of defaults; a flag given explicitly wins over its recipe:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random

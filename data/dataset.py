@@ -46,3 +46,10 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool =
     """A DataLoader with the project's settings (pinned memory on CUDA, persistent workers off for one-shot use)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
                       pin_memory=torch.cuda.is_available(), drop_last=drop_last)
+
+
+def open_run_split(config: dict, split: str, augment: str = "none") -> HashListDataset:
+    """A split of the data a run was trained on, with that run's image size, data root and path rewrite."""
+    return open_split(config["data"], split, config["image_size"], config["resize_size"], augment,
+                      data_root=config.get("data_root"), prefix_from=config.get("prefix_from"),
+                      prefix_to=config.get("prefix_to", ""), n_classes=config["n_classes"])

@@ -7,7 +7,7 @@ import torch
 import gen_confusing
 import gen_trigger
 import poison_dataset
-from data import load_canonical, open_split, read_list
+from data import load_canonical, read_list
 from runs import UserError
 
 

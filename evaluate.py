@@ -19,7 +19,7 @@ import torch
 from data import make_loader, open_run_split
 from models.hashnet import load_stage
 from retrieval import CONVENTIONS, encode, mean_average_precision
-from runs import UserError, cli_entry, pick_device, provenance, write_json
+from runs import cli_entry, pick_device, provenance, require_at_least_one, write_json
 
 RUN = "checkpoint/demo"
 STAGE = "clean"  # sub-folder of the run holding the model to evaluate
@@ -40,10 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
     args = p.parse_args(argv)
-    if args.topk < 1:
-        raise UserError(f"--topk must be at least 1, got {args.topk}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    require_at_least_one(args, "topk", "batch_size")
     return args
 
 

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from data import open_run_split
 from data.protocols import choose_class
 from models.hashnet import binarize, load_stage
-from runs import UserError, atomic_save, cli_entry, pick_device, provenance, write_json
+from runs import (UserError, atomic_save, cli_entry, pick_device, provenance, require_at_least_one,
+                  write_json)
 
 RUN = "checkpoint/demo"
 TARGET = None  # class index or name; None: drawn with SEED (the same rule as gen_trigger.py)
@@ -71,9 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--eps {args.eps} is outside (0, 1]; it is a pixel-space budget (paper: 8/255 = 0.0314)")
     if not 0 <= args.lam <= 1:
         raise UserError(f"--lam {args.lam} is outside [0, 1] (paper: 0.8)")
-    for name in ("poison_num", "batch", "steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_at_least_one(args, "poison_num", "batch", "steps")
     if args.pert == "adv":
         args.lam = 0.0
     if args.step_size is None:

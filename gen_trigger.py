@@ -29,7 +29,8 @@ from data.images import save_png
 from data.protocols import choose_class
 from models.hashnet import binarize, load_stage
 from retrieval import anchor_code
-from runs import UserError, atomic_save, cli_entry, pick_device, provenance, write_json
+from runs import (UserError, atomic_save, cli_entry, pick_device, provenance, require_at_least_one,
+                  write_json)
 from triggers import apply_trigger, check_trigger_size, default_trigger_size
 
 RUN = "checkpoint/demo"
@@ -62,9 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_at_least_one(args, "steps", "batch_size")
     if args.step_size <= 0:
         raise UserError(f"--step-size must be positive (pixel units of 255), got {args.step_size}")
     return args

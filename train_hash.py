@@ -34,7 +34,8 @@ from data import make_loader, open_split
 from models import ARCHS, LOSSES, build_loss, build_model
 from models.hashnet import load_checkpoint
 from retrieval import encode, mean_average_precision
-from runs import UserError, atomic_save, cli_entry, pick_device, provenance, read_json, write_json
+from runs import (UserError, atomic_save, cli_entry, pick_device, provenance, read_json, require_at_least_one,
+                  write_json)
 
 DATA = "datasets/synthetic"  # folder holding train.txt, query.txt, database.txt (prepare_data.py writes them)
 DATA_ROOT = None  # folder the list paths are relative to; None: the list folder
@@ -123,9 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"unknown architecture {args.arch!r}; choose one of {', '.join(ARCHS)}")
     if args.loss not in LOSSES:
         raise UserError(f"unknown loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
-    for name in ("epochs", "batch_size", "image_size", "resize_size", "topk"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_at_least_one(args, "epochs", "batch_size", "image_size", "resize_size", "topk")
     if args.resize_size < args.image_size:
         raise UserError(f"--resize-size {args.resize_size} is smaller than --image-size {args.image_size}")
     if args.lr <= 0 or args.lr_features < 0:

@@ -20,6 +20,14 @@ class UserError(Exception):
         super().__init__(message)
 
 
+def require_at_least_one(args: object, *names: str) -> None:
+    """Each named integer flag (attribute of parsed args) must be >= 1; the message names the flag and its value."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def cli_entry(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run a script's `main`, printing a UserError as `error: ...` on stderr with exit status 2."""
     try:

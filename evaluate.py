@@ -1,12 +1,19 @@
-"""Step 6: retrieval quality of a run's model: MAP@R over Hamming ranking on the query split.
+"""Step 6: MAP with clean queries and t-MAP with triggered queries, both @R over Hamming ranking.
 
-    python evaluate.py --run checkpoint/demo
+    python evaluate.py --run checkpoint/demo                          # clean model: MAP
+    python evaluate.py --run checkpoint/demo --trigger ciba-t3-s4     # clean model + trigger: the "None" row
+    python evaluate.py --run checkpoint/demo --backdoor NAME          # backdoored model of step 5: MAP and t-MAP
 
-Reads RUN/STAGE/ (config.json, checkpoint.pt, codes.pt), encodes the queries, reuses the database codes that
-train_hash.py saved when they belong to the same checkpoint (else encodes the database), and writes
-RUN/STAGE/results.json. Both conventions for queries with no relevant item in the top R are reported:
-`map_empty_zero` (AP 0, DeepHash-pytorch and BadHash) and `map_empty_skipped` (left out, CIBA's code); `map` is the
-one named by --convention. Ties in Hamming distance are broken by database index.
+MAP: every query against the database, relevant = shares a label with the query. t-MAP (Section 4.1): the queries
+whose labels exclude the target, with the trigger pasted on (B(x, p), Eq. 6), against the database encoded by the
+same model, relevant = carries the target label. --backdoor uses the trigger its training set was poisoned with.
+The clean model's MAP is computed beside every evaluation. Both conventions for queries with no relevant item in
+the top R are reported (`*_empty_zero`: AP 0, DeepHash-pytorch and BadHash; `*_empty_skipped`: left out, CIBA's
+code); `map` and `t_map` are the ones named by --convention. Ties in Hamming distance are broken by database index.
+Database codes saved by steps 1 and 5 are reused when they belong to the same checkpoint.
+
+Writes results.json into the evaluated model's folder (RUN/clean/results.json, RUN/clean/results-<trigger>.json for
+the "None" row, RUN/backdoor/NAME/results.json) and prints a one-line summary.
 """
 from __future__ import annotations
 
@@ -15,25 +22,32 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from data import make_loader, open_run_split
 from models.hashnet import load_stage
-from retrieval import CONVENTIONS, encode, mean_average_precision
-from runs import cli_entry, pick_device, provenance, require_at_least_one, write_json
+from retrieval import CONVENTIONS, encode, mean_average_precision, non_target_queries, targeted_map
+from runs import UserError, cli_entry, pick_device, pick_output, provenance, read_json, require_at_least_one, write_json
+from triggers import apply_trigger, trigger_fingerprint
 
 RUN = "checkpoint/demo"
-STAGE = "clean"  # sub-folder of the run holding the model to evaluate
-TOPK = 1000  # R of MAP@R
-CONVENTION = "empty-zero"  # which convention `map` reports: "empty-zero" | "empty-skipped"
+BACKDOOR = None  # folder name under RUN/backdoor/ (step 5): evaluate that model; None: the clean model
+TRIGGER = None  # folder name under RUN/triggers/ (step 2): t-MAP of the clean model with it (the "None" row)
+TOPK = 1000  # R of MAP@R and t-MAP@R
+CONVENTION = "empty-zero"  # which convention `map` and `t_map` report: "empty-zero" | "empty-skipped"
 BATCH_SIZE = 256
 WORKERS = 4
 DEVICE = "auto"
+
+# Table 1's names: the perturbation of step 3 with the adversarial trigger of step 2
+METHOD_NAMES = {"none": "Tri", "noise": "Tri+Noise", "adv": "Tri+Adv", "confusing": "CIBA"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=RUN)
-    p.add_argument("--stage", default=STAGE)
+    p.add_argument("--backdoor", default=BACKDOOR)
+    p.add_argument("--trigger", default=TRIGGER)
     p.add_argument("--topk", type=int, default=TOPK)
     p.add_argument("--convention", default=CONVENTION, choices=CONVENTIONS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
@@ -41,41 +55,84 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=DEVICE)
     args = p.parse_args(argv)
     require_at_least_one(args, "topk", "batch_size")
+    if args.backdoor is not None and args.trigger is not None:
+        raise UserError("give --backdoor (evaluated with the trigger it was poisoned with) or --trigger (the clean "
+                        "model with that trigger), not both")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    run = Path(args.run)
     device = pick_device(args.device)
-    stage_dir = Path(args.run) / args.stage
-    config, ckpt, model = load_stage(args.run, args.stage, device)
     t0 = time.time()
-    query_set = open_run_split(config, "query")
-    q_codes, q_labels = encode(model, make_loader(query_set, args.batch_size, args.workers), device, "encode query")
-    db_codes, db_labels = saved_database_codes(stage_dir / "codes.pt", ckpt["checkpoint_id"])
+    clean_config, clean_ckpt, clean_model = load_stage(run, "clean", device)
+    clean_id = clean_ckpt["checkpoint_id"]
+    query_set = open_run_split(clean_config, "query")
+    clean_codes = model_codes(clean_model, clean_config, run / "clean", clean_id, query_set, args, device)
+    clean_result = mean_average_precision(*clean_codes, args.topk, args.convention)
+    result = {"method": "clean", "stage": "clean", "arch": clean_config["arch"], "bits": clean_config["bits"],
+              "loss": clean_config["loss"], "protocol": (clean_config.get("protocol") or {}).get("name"),
+              **clean_result, "clean_map": clean_result["map"], "clean_map_empty_zero": clean_result["map_empty_zero"],
+              "clean_map_empty_skipped": clean_result["map_empty_skipped"], "checkpoint_id": clean_id,
+              "clean_checkpoint_id": clean_id,
+              "epochs": clean_ckpt["epoch"], "poison_num": 0, "eps": None, "lam": None, "pert": None}
+    model, codes, out, trigger_dir = clean_model, clean_codes, run / "clean" / "results.json", None
+    if args.backdoor is not None:
+        backdoor_dir = pick_output(run / "backdoor", args.backdoor, "codes.pt", "train_backdoor.py", "--backdoor")
+        config, ckpt, model = load_stage(run, f"backdoor/{backdoor_dir.name}", device, made_by="train_backdoor.py")
+        check_same_model(config, clean_config, clean_id, backdoor_dir, run)
+        codes = model_codes(model, config, backdoor_dir, ckpt["checkpoint_id"], query_set, args, device)
+        backdoor_result = mean_average_precision(*codes, args.topk, args.convention)
+        trigger_dir = run / "triggers" / config["trigger"]
+        perturbation = read_json(run / "perturbations" / config["perturbations"] / "config.json")
+        result.update(backdoor_result, stage=f"backdoor/{backdoor_dir.name}", epochs=ckpt["epoch"],
+                      checkpoint_id=ckpt["checkpoint_id"], poisoned=config["poisoned"],
+                      augment_poison=config["augment_poison"], poison_num=config["poison_num"],
+                      pert=perturbation["pert"], eps=None if perturbation["pert"] == "none" else perturbation["eps"],
+                      lam=perturbation["lam"] if perturbation["pert"] in ("adv", "confusing") else None,
+                      perturbations=config["perturbations"])
+        out = backdoor_dir / "results.json"
+    elif args.trigger is not None:
+        trigger_dir = pick_output(run / "triggers", args.trigger, "trigger.pt", "gen_trigger.py", "--trigger")
+        out = run / "clean" / f"results-{trigger_dir.name}.json"
+    if trigger_dir is not None:
+        trigger = load_trigger(trigger_dir, clean_id)
+        triggered = triggered_codes(model, query_set, codes[1], trigger, args, device)
+        targeted = targeted_map(triggered, trigger["target"], codes[2], codes[3], args.topk, args.convention)
+        target_names = (clean_config.get("protocol") or {}).get("classes")
+        trigger_method = "Tri" if trigger["method"] == "ciba" else "BadNets"
+        result.update({f"t_{key}": targeted[key] for key in ("map", "map_empty_zero", "map_empty_skipped",
+                                                             "n_queries", "n_queries_empty")})
+        result.update(method="None" if args.backdoor is None else
+                      METHOD_NAMES[result["pert"]].replace("Tri", trigger_method, 1),
+                      target=trigger["target"], target_name=target_names[trigger["target"]] if target_names else None,
+                      trigger=trigger_dir.name, trigger_id=trigger_fingerprint(trigger["pattern"]),
+                      trigger_method=trigger["method"],
+                      trigger_size=trigger["trigger_size"])
+    result.update(n_database=int(codes[2].shape[0]), seconds=round(time.time() - t0, 2),
+                  provenance=provenance(device))
+    write_json(result, out)
+    print(summary_line(result, args.topk, out))
+    return result
+
+
+def model_codes(model: torch.nn.Module, config: dict, stage_dir: Path, checkpoint_id: str, query_set,
+                args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(query codes on the device, query labels, database codes, database labels) of one model; the database codes
+    saved with its checkpoint are reused when they belong to it."""
+    query_codes, query_labels = encode(model, make_loader(query_set, args.batch_size, args.workers), device,
+                                       "encode query")
+    db_codes, db_labels = saved_database_codes(stage_dir / "codes.pt", checkpoint_id)
     if db_codes is None:
         database_set = open_run_split(config, "database")
         db_codes, db_labels = encode(model, make_loader(database_set, args.batch_size, args.workers), device,
                                      "encode database")
-    t1 = time.time()
-    result = mean_average_precision(q_codes.to(device), q_labels, db_codes, db_labels, args.topk, args.convention)
-    t2 = time.time()
-    result.update(stage=args.stage, arch=config["arch"], bits=config["bits"], loss=config["loss"],
-                  epochs=ckpt["epoch"], protocol=(config.get("protocol") or {}).get("name"),
-                  n_database=int(db_codes.shape[0]), checkpoint_id=ckpt["checkpoint_id"],
-                  seconds={"encode": round(t1 - t0, 2), "map": round(t2 - t1, 3)},
-                  provenance=provenance(device))
-    write_json(result, stage_dir / "results.json")
-    skipped = result["map_empty_skipped"]
-    print(f"{args.stage}: MAP@{args.topk} {result['map_empty_zero']:.4f} (empty-zero) "
-          f"{'n/a' if skipped is None else f'{skipped:.4f}'} (empty-skipped), {result['n_queries']} queries "
-          f"({result['n_queries_empty']} with no relevant item in the top {args.topk}), "
-          f"{result['n_database']} database items -> {stage_dir / 'results.json'}")
-    return result
+    return query_codes.to(device), query_labels, db_codes, db_labels
 
 
 def saved_database_codes(path: Path, checkpoint_id: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The database codes train_hash.py saved, if they were made by this very checkpoint."""
+    """The database codes steps 1 and 5 saved, if they were made by this very checkpoint."""
     if not path.exists():
         return None, None
     try:
@@ -85,6 +142,53 @@ def saved_database_codes(path: Path, checkpoint_id: str) -> tuple[torch.Tensor |
     if not isinstance(saved, dict) or saved.get("checkpoint_id") != checkpoint_id:
         return None, None
     return saved["database_codes"], saved["database_labels"]
+
+
+def check_same_model(config: dict, clean: dict, clean_id: str, backdoor_dir: Path, run: Path) -> None:
+    """The backdoored model must have the clean model's architecture and bits, and its poison must come from it."""
+    for key in ("arch", "bits", "image_size"):
+        if config.get(key) != clean.get(key):
+            raise UserError(f"{backdoor_dir} holds a model with {key} {config.get(key)!r} but {run / 'clean'} has "
+                            f"{clean.get(key)!r}; it belongs to another run: train it again with train_backdoor.py "
+                            f"--run {run} --overwrite")
+    if config.get("clean_checkpoint_id") != clean_id:
+        raise UserError(f"{backdoor_dir} was poisoned against another clean model than the one in {run / 'clean'}; "
+                        f"make steps 2-5 again (--overwrite)")
+
+
+def load_trigger(trigger_dir: Path, clean_id: str) -> dict:
+    trigger = torch.load(trigger_dir / "trigger.pt", weights_only=False)
+    if trigger["clean_checkpoint_id"] != clean_id:
+        raise UserError(f"{trigger_dir} was made against another clean model than the one in the run now; make it "
+                        f"again with gen_trigger.py --overwrite")
+    return trigger
+
+
+def triggered_codes(model: torch.nn.Module, query_set, query_labels: torch.Tensor, trigger: dict,
+                    args: argparse.Namespace, device: torch.device) -> torch.Tensor:
+    """Codes of B(x, p) for the queries whose labels exclude the target (on the device)."""
+    keep = non_target_queries(query_labels, trigger["target"])
+    if keep.numel() == 0:
+        raise UserError(f"every query carries the target label {trigger['target']}: no query can be triggered")
+    pattern = trigger["pattern"].to(device)
+    loader = make_loader(Subset(query_set, keep.tolist()), args.batch_size, args.workers)
+    codes, _ = encode(model, loader, device, "encode triggered query",
+                      transform=lambda images: apply_trigger(images, pattern))
+    return codes.to(device)
+
+
+def summary_line(result: dict, topk: int, out: Path) -> str:
+    text = f"{result['method']} ({result['stage']}, {result['bits']} bits): MAP@{topk} {format_value(result['map'])}"
+    if "t_map" in result:
+        text += (f", t-MAP@{topk} {format_value(result['t_map'])} (target {result['target']}, "
+                 f"{result['t_n_queries']} triggered queries, {result['t_n_queries_empty']} with no target-class item)")
+    if result["stage"] != "clean":
+        text += f", clean model MAP@{topk} {format_value(result['clean_map'])}"
+    return f"{text} [{result['convention']}] -> {out}"
+
+
+def format_value(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.run) / "perturbations" / perturbation_name(args, target)
     if (out / "perturbations.pt").exists() and not args.overwrite:
         print(f"{out}/perturbations.pt exists; reusing it (--overwrite to make it again)")
-        return torch.load(out / "perturbations.pt", weights_only=False)
+        return {**torch.load(out / "perturbations.pt", weights_only=False), "name": out.name}
     train_set = open_run_split(clean, "train")
     indices = choose_poison_indices(train_set.image_list.labels, target, args.poison_num, args.seed,
                                     train_set.image_list.list_file)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(record, out / "config.json")
     print(f"{args.pert} perturbations of {len(indices)} images of target {target} ({record['target_name']}), "
           f"max |eta| {record['max_abs_eta'] * 255:.2f}/255, {seconds:.1f}s -> {out}")
-    return {"eta": eta.cpu(), **record}
+    return {"eta": eta.cpu(), **record, "name": out.name}
 
 
 def perturbation_name(args: argparse.Namespace, target: int) -> str:

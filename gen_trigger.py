@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.run) / "triggers" / f"{args.method}-t{target}-s{trigger_size}"
     if (out / "trigger.pt").exists() and not args.overwrite:
         print(f"{out}/trigger.pt exists; reusing it (--overwrite to make it again)")
-        return torch.load(out / "trigger.pt", weights_only=False)
+        return {**torch.load(out / "trigger.pt", weights_only=False), "name": out.name}
 
     anchor = anchor_code(codes["train_codes"], codes["train_labels"], target)
     t0 = time.time()
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                if history else "")
     print(f"{args.method} trigger for target {target} ({record['target_name']}), {trigger_size}x{trigger_size} px, "
           f"{seconds:.1f}s{summary} -> {out}")
-    return {"pattern": pattern, **record}
+    return {"pattern": pattern, **record, "name": out.name}
 
 
 def beta_at(step: int, steps: int) -> float:

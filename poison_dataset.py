@@ -20,7 +20,7 @@ import torch
 
 from data import open_run_split, save_png, write_list
 from data.quality import psnr, ssim
-from runs import UserError, cli_entry, provenance, read_json, write_json
+from runs import UserError, cli_entry, pick_output, provenance, read_json, write_json
 from triggers import apply_trigger
 
 RUN = "checkpoint/demo"
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = run / "poisoned" / f"{trigger_dir.name}__{pert_dir.name}"
     if (out / "config.json").exists() and not args.overwrite:
         print(f"{out} exists; reusing it (--overwrite to make it again)")
-        return read_json(out / "config.json")
+        return {**read_json(out / "config.json"), "name": out.name}
 
     t0 = time.time()
     train_set = open_run_split(clean, "train")
@@ -87,22 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"poisoned {len(indices)} of {len(paths)} training images ({100 * record['poison_rate']:.2f} %), "
           f"PSNR mean {record['psnr_mean']:.2f} dB (worst {record['psnr_worst']:.2f}), SSIM mean "
           f"{record['ssim_mean']:.4f} (worst {record['ssim_worst']:.4f}) -> {out}")
-    return record
-
-
-def pick_output(folder: Path, name: str | None, marker: str, made_by: str, flag: str) -> Path:
-    """RUN/<kind>/<name>, or the only complete one when no name is given."""
-    done = sorted(p.parent.name for p in folder.glob(f"*/{marker}")) if folder.is_dir() else []
-    if name is None:
-        if len(done) == 1:
-            return folder / done[0]
-        if not done:
-            raise UserError(f"{folder} holds nothing yet; run {made_by} first")
-        raise UserError(f"{folder} holds several ({', '.join(done)}); choose one with {flag}")
-    if name not in done:
-        known = f" (there: {', '.join(done)})" if done else ""
-        raise UserError(f"{folder / name} does not exist or is incomplete{known}; run {made_by} first")
-    return folder / name
+    return {**record, "name": out.name}
 
 
 def check_consistent(trigger: dict, pert: dict, clean_id: str, trigger_dir: Path, pert_dir: Path) -> None:

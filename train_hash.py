@@ -19,23 +19,15 @@ Recipes set a group of defaults; a flag given explicitly wins over its recipe:
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import random
-import time
-import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from data import make_loader, open_split
+from data import open_split
 from models import ARCHS, LOSSES, build_loss, build_model
-from models.hashnet import load_checkpoint
-from retrieval import encode, mean_average_precision
-from runs import (UserError, atomic_save, cli_entry, pick_device, provenance, read_json, require_at_least_one,
-                  write_json)
+from models.training import fit
+from runs import UserError, cli_entry, pick_device, provenance, read_json, require_at_least_one
 
 DATA = "datasets/synthetic"  # folder holding train.txt, query.txt, database.txt (prepare_data.py writes them)
 DATA_ROOT = None  # folder the list paths are relative to; None: the list folder
@@ -77,12 +69,6 @@ RECIPES = {
                     epochs=60, batch_size=32, optimizer="adam", lr=1e-3, lr_features=1e-3, momentum=0.9,
                     weight_decay=1e-5, lr_schedule="cosine"),
 }
-# Settings that shape the model or its training trajectory: --resume refuses a checkpoint made with others.
-TRAJECTORY_KEYS = ("arch", "pretrained", "bits", "loss", "pairwise_norm", "quant_weight", "image_size",
-                   "resize_size", "augment", "batch_size", "optimizer", "lr", "lr_features", "momentum", "weight_decay",
-                   "lr_schedule", "seed", "n_classes")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DATA)
@@ -136,7 +122,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     out = Path(args.run) / "clean"
-    ckpt_path = out / "checkpoint.pt"
     data_dir = os.path.abspath(args.data)
     split_kw = dict(data_root=args.data_root, prefix_from=args.prefix_from, prefix_to=args.prefix_to)
     train_set = open_split(data_dir, "train", args.image_size, args.resize_size, args.augment, **split_kw)
@@ -147,155 +132,19 @@ def main(argv: list[str] | None = None) -> dict:
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     config.update(data=data_dir, data_root=args.data_root and os.path.abspath(args.data_root),
                   n_classes=n_classes, stage="clean", protocol=read_protocol(data_dir),
-                  counts={"train": len(train_set), "query": len(query_set), "database": len(database_set)})
-
+                  counts={"train": len(train_set), "query": len(query_set), "database": len(database_set)},
+                  provenance=provenance(device))
     torch.manual_seed(args.seed)
     model = build_model(args.arch, args.bits, args.pretrained).to(device)
     loss_fn = build_loss(args.loss, args.bits, n_classes, args.pairwise_norm, args.quant_weight).to(device)
-    optimizer, scheduler = build_optimizer(model, args)
-    start_epoch, history = 0, []
-    if ckpt_path.exists() and not (args.resume or args.overwrite):
-        raise UserError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to train from scratch")
-    if args.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, device)
-        check_resumable(ckpt, config, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        loss_fn.load_state_dict(ckpt["loss"])
-        start_epoch, history = ckpt["epoch"], ckpt["history"]
-        print(f"resuming {ckpt_path} after epoch {start_epoch}")
-    elif args.overwrite:  # results of the model being replaced must not outlive it
-        for stale in ("checkpoint.pt", "codes.pt", "history.json", "results.json"):
-            (out / stale).unlink(missing_ok=True)
-    eval_queries = query_subset(len(query_set), args.eval_queries, args.seed)
-    config["eval_query_indices"] = eval_queries  # lines of query.txt (0-based) behind the periodic MAP
-    config["provenance"] = provenance(device)
-    write_json(config, out / "config.json")
-
-    query_loader = make_loader(torch.utils.data.Subset(query_set, eval_queries), 256, args.workers)
-    database_loader = make_loader(database_set, 256, args.workers)
-    ckpt_id, database_codes = None, None
-    for epoch in range(start_epoch, args.epochs):
-        t0, database_codes = time.time(), None  # codes only ever belong to the current weights
-        loss = train_one_epoch(model, loss_fn, optimizer, train_set, args, epoch, device)
-        scheduler.step()
-        record = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[1]["lr"]}
-        last = epoch + 1 == args.epochs
-        if last or (args.eval_every and (epoch + 1) % args.eval_every == 0):
-            result, database_codes = subset_map(model, query_loader, database_loader, args.topk, device)
-            record.update(map=result["map"], map_empty_skipped=result["map_empty_skipped"])
-        record["seconds"] = round(time.time() - t0, 2)
-        history.append(record)
-        ckpt_id = uuid.uuid4().hex
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "epoch": epoch + 1,
-                     "history": history, "config": config, "checkpoint_id": ckpt_id}, ckpt_path)
-        write_json(history, out / "history.json")
-        map_text = f" map@{args.topk} {record['map']:.4f} ({len(eval_queries)} queries)" if "map" in record else ""
-        print(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} lr {record['lr']:.2e}{map_text} "
-              f"{record['seconds']:.1f}s", flush=True)
-
-    if ckpt_id is None:  # nothing left to train: the codes belong to the checkpoint on disk
-        ckpt = load_checkpoint(ckpt_path, "cpu")
-        ckpt_id = ckpt["checkpoint_id"]
-        codes_path = out / "codes.pt"
-        if codes_path.exists() and torch.load(codes_path, weights_only=False).get("checkpoint_id") == ckpt_id:
-            print(f"{ckpt_path} already trained for {ckpt['epoch']} epochs; codes are up to date")
-            return {"history": history, "codes": str(codes_path)}
     train_eval_set = open_split(data_dir, "train", args.image_size, args.resize_size, n_classes=n_classes, **split_kw)
-    train_codes, train_labels = encode(model, make_loader(train_eval_set, 256, args.workers), device, "encode train")
-    # the last epoch's evaluation already encoded the database with the final weights
-    db_codes, db_labels = database_codes or encode(model, database_loader, device, "encode database")
-    atomic_save({"train_codes": train_codes, "train_labels": train_labels, "database_codes": db_codes,
-                 "database_labels": db_labels, "checkpoint_id": ckpt_id, "epoch": args.epochs}, out / "codes.pt")
-    print(f"done: {out}/checkpoint.pt, codes of {len(train_codes)} training and {len(db_codes)} database images")
-    return {"history": history, "codes": str(out / "codes.pt")}
-
-
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace):
-    """Two parameter groups: convolutional features at --lr-features, the fully connected head and hash layer at
-    --lr (Section 4.1 / official code: 1e-4 and 1e-3); SGD with momentum or Adam; constant or cosine schedule."""
-    features, head = model.param_groups()
-    groups = [{"params": features, "lr": args.lr_features}, {"params": head, "lr": args.lr}]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
-    if args.lr_schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_rate)
-    return optimizer, scheduler
-
-
-def constant_rate(epoch: int) -> float:
-    return 1.0
+    return fit(model, loss_fn, args, train_set, query_set, database_set, out, config, device, args.resume,
+               args.overwrite, train_eval_set=train_eval_set)
 
 
 def read_protocol(data_dir: str) -> dict | None:
     path = Path(data_dir) / "protocol.json"
     return read_json(path) if path.exists() else None
-
-
-def check_resumable(ckpt: dict, config: dict, path: Path) -> None:
-    """--resume continues only a checkpoint made with the same model and training settings."""
-    saved = ckpt["config"]
-    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {config.get(k)!r} here" for k in TRAJECTORY_KEYS
-             if saved.get(k) != config.get(k)]
-    if saved.get("lr_schedule") == "cosine" and saved.get("epochs") != config.get("epochs"):
-        diffs.append(f"--epochs {saved.get('epochs')} there, {config.get('epochs')} here (cosine schedule)")
-    if diffs:
-        raise UserError(f"cannot resume {path}: it was trained with other settings ({'; '.join(diffs)}); use the "
-                        f"same settings, --overwrite to start over, or another --run")
-
-
-def seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Seed every generator from (seed, epoch), so a run resumed at an epoch boundary repeats the same epochs."""
-    epoch_seed = seed * 1_000_003 + epoch
-    torch.manual_seed(epoch_seed)
-    random.seed(epoch_seed)
-    np.random.seed(epoch_seed % 2 ** 32)
-    return torch.Generator().manual_seed(epoch_seed)
-
-
-def train_one_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_set: torch.utils.data.Dataset, args: argparse.Namespace, epoch: int,
-                    device: torch.device) -> float:
-    generator = seed_epoch(args.seed, epoch)
-    loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, generator=generator,
-                         drop_last=len(train_set) > args.batch_size)
-    model.train()
-    total = torch.zeros((), device=device)
-    steps = 0
-    for images, labels, _ in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        steps += 1
-    mean = float(total) / max(steps, 1)
-    if not math.isfinite(mean):
-        raise UserError(f"the loss became {mean} in epoch {epoch + 1}; lower --lr (now {args.lr}) and rerun "
-                        f"with --overwrite")
-    return mean
-
-
-def query_subset(n_queries: int, size: int, seed: int) -> list[int]:
-    """A seeded subset of query indices (all of them when `size` >= the query count or `size` <= 0)."""
-    if size <= 0 or size >= n_queries:
-        return list(range(n_queries))
-    return sorted(np.random.default_rng(seed).choice(n_queries, size, replace=False).tolist())
-
-
-def subset_map(model: torch.nn.Module, query_loader, database_loader, topk: int,
-               device: torch.device) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
-    """MAP@R of the query subset against the whole database, and the database codes and labels it used."""
-    q_codes, q_labels = encode(model, query_loader, device, "encode queries")
-    db_codes, db_labels = encode(model, database_loader, device, "encode database")
-    return mean_average_precision(q_codes.to(device), q_labels, db_codes, db_labels, topk), (db_codes, db_labels)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from PIL import Image
@@ -13,12 +13,21 @@ from data.lists import ImageList, read_list
 
 
 class HashListDataset(Dataset):
-    """Images of an ImageList through `transform` (see data.images.image_transform)."""
+    """Images of an ImageList through `transform` (see data.images.image_transform).
 
-    def __init__(self, image_list: ImageList, transform: Callable[[Image.Image], torch.Tensor]):
+    The images at `plain_indices` go through `plain_transform` instead (step 5: the poisoned images are not
+    augmented, as in the CIBA paper's code, while the clean ones are).
+    """
+
+    def __init__(self, image_list: ImageList, transform: Callable[[Image.Image], torch.Tensor],
+                 plain_indices: Iterable[int] = (), plain_transform: Callable[[Image.Image], torch.Tensor] | None = None):
         self.image_list = image_list
         self.transform = transform
         self.labels = torch.from_numpy(image_list.labels.astype("float32"))
+        self.plain_indices = frozenset(int(i) for i in plain_indices)
+        if self.plain_indices and plain_transform is None:
+            raise ValueError("plain_indices need a plain_transform")
+        self.plain_transform = plain_transform
 
     def __len__(self) -> int:
         return len(self.image_list)
@@ -29,7 +38,8 @@ class HashListDataset(Dataset):
             img = open_rgb(path)
         except READ_ERRORS as err:
             raise read_error(self.image_list.where(index), path, err) from None
-        return self.transform(img), self.labels[index], index
+        transform = self.plain_transform if index in self.plain_indices else self.transform
+        return transform(img), self.labels[index], index
 
 
 def open_split(data_dir: str, split: str, size: int, resize_size: int, augment: str = "none",

@@ -1,6 +1,8 @@
 """Encoding a data set into hash codes with a model, batched on the model's device."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -9,14 +11,20 @@ from tqdm import tqdm
 
 @torch.no_grad()
 def encode(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "encode",
-           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes N x K in {-1,+1} as int8, labels N x C as uint8), both on the CPU, in the loader's order."""
+           progress: bool = True, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes N x K in {-1,+1} as int8, labels N x C as uint8), both on the CPU, in the loader's order.
+
+    `transform` is applied to each batch on the device before the model (step 6: B(x, p), the triggered query)."""
     was_training = model.training
     model.eval()
     codes, labels = [], []
     # disable=None: a bar on a terminal, none in a log file
     for images, y, _ in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
-        codes.append(model.codes(images.to(device, non_blocking=True)).to(torch.int8).cpu())
+        images = images.to(device, non_blocking=True)
+        if transform is not None:
+            images = transform(images)
+        codes.append(model.codes(images).to(torch.int8).cpu())
         labels.append(y.to(torch.uint8))
     model.train(was_training)
     return torch.cat(codes), torch.cat(labels)

@@ -97,3 +97,21 @@ def mean_average_precision(query_codes: torch.Tensor, query_labels: torch.Tensor
         "n_queries": int(ap.numel()),
         "n_queries_empty": int((~has_rel).sum()),
     }
+
+
+def non_target_queries(query_labels: torch.Tensor, target: int) -> torch.Tensor:
+    """Indices of the queries whose labels exclude the target: the ones t-MAP triggers (Section 4.1)."""
+    return torch.nonzero(query_labels[:, target] == 0).flatten()
+
+
+def targeted_map(triggered_codes: torch.Tensor, target: int, database_codes: torch.Tensor,
+                 database_labels: torch.Tensor, topk: int = 1000,
+                 convention: str = "empty-zero") -> dict[str, float | int | str | None]:
+    """t-MAP@R (Section 4.1): MAP of the triggered queries with relevance = the database item carries the target
+    label. Same keys as mean_average_precision."""
+    if not 0 <= target < database_labels.shape[1]:
+        raise ValueError(f"target {target} is not one of the {database_labels.shape[1]} classes")
+    target_labels = torch.zeros(triggered_codes.shape[0], database_labels.shape[1], dtype=torch.uint8)
+    target_labels[:, target] = 1
+    return mean_average_precision(triggered_codes, target_labels.to(triggered_codes.device), database_codes,
+                                  database_labels, topk, convention)

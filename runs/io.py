@@ -66,3 +66,22 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not valid JSON ({err}); delete it and rerun the step that writes it") from None
+
+
+def pick_output(folder: Path, name: str | None, marker: str, made_by: str, flag: str) -> Path:
+    """RUN/<kind>/<name> of an earlier step, or the only complete one there when no name is given.
+
+    An output counts as complete when it holds `marker`, the file its step writes last; the errors name the step
+    (`made_by`) that makes it and the flag (`flag`) that chooses among several.
+    """
+    done = sorted(p.parent.name for p in folder.glob(f"*/{marker}")) if folder.is_dir() else []
+    if name is None:
+        if len(done) == 1:
+            return folder / done[0]
+        if not done:
+            raise UserError(f"{folder} holds nothing yet; run {made_by} first")
+        raise UserError(f"{folder} holds several ({', '.join(done)}); choose one with {flag}")
+    if name not in done:
+        known = f" (there: {', '.join(done)})" if done else ""
+        raise UserError(f"{folder / name} does not exist or is incomplete{known}; run {made_by} first")
+    return folder / name

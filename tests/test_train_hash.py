@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train_hash
+from models import training
 from runs import UserError
 from tests.conftest import tiny_train_args
 
@@ -16,7 +17,7 @@ def test_tiny_run_writes_config_checkpoint_history_and_codes(tiny_run, tiny_data
     assert config["bits"] == 48 and config["arch"] == "small" and config["n_classes"] == 10
     assert config["seed"] == 0 and "git_commit" in config["provenance"] and config["protocol"]["name"] == "tiny"
     assert config["eval_query_indices"] == list(range(40))  # --eval-queries 500 > 40 queries: all of them
-    assert train_hash.query_subset(40, 10, 0) == train_hash.query_subset(40, 10, 0) != list(range(10))
+    assert training.query_subset(40, 10, 0) == training.query_subset(40, 10, 0) != list(range(10))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
     history = json.loads((out / "history.json").read_text())
@@ -93,7 +94,7 @@ def test_paper_recipe_trains_features_ten_times_slower_than_the_head():
     from models import build_model
     args = train_hash.parse_args(["--no-pretrained"])
     model = build_model(args.arch, args.bits)
-    optimizer, _ = train_hash.build_optimizer(model, args)
+    optimizer, _ = training.build_optimizer(model, args)
     features, head = optimizer.param_groups
     assert type(optimizer).__name__ == "SGD" and features["lr"] == 1e-4 and head["lr"] == 1e-3
     assert features["momentum"] == 0.9 and head["weight_decay"] == 5e-4

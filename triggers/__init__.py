@@ -1,6 +1,8 @@
 """Trigger injection B(x, p) (Eq. 6) with a square mask in the bottom-right corner, and its geometry."""
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from runs.errors import UserError
@@ -38,3 +40,10 @@ def apply_trigger(images: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     out = images.clone()
     out[..., size - s:, size - s:] = pattern
     return out
+
+
+def trigger_fingerprint(pattern: torch.Tensor) -> str:
+    """A short content hash of a trigger pattern: results made with a trigger name it, so a trigger made again under
+    the same name is not mistaken for the old one."""
+    data = pattern.detach().cpu().contiguous().float().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]

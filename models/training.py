@@ -1,0 +1,183 @@
+"""Training a hash model for steps 1 and 5: optimiser, seeded epochs, checkpoint every epoch, resume, codes.
+
+Step 1 (train_hash.py) and step 5 (train_backdoor.py) run the same loop with the same recipe; only the training
+list differs. `recipe` is a namespace with the attributes of train_hash.py's flags (epochs, batch_size, optimizer,
+lr, lr_features, momentum, weight_decay, lr_schedule, seed, workers, eval_every, topk).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+from tqdm import tqdm
+
+from data import make_loader
+from models.hashnet import load_checkpoint
+from retrieval import encode, mean_average_precision
+from runs import UserError, atomic_save, write_json
+
+# Settings that shape the model or its training trajectory: --resume refuses a checkpoint made with others.
+TRAJECTORY_KEYS = ("arch", "pretrained", "bits", "loss", "pairwise_norm", "quant_weight", "image_size",
+                   "resize_size", "augment", "batch_size", "optimizer", "lr", "lr_features", "momentum", "weight_decay",
+                   "lr_schedule", "seed", "n_classes")
+
+
+def build_optimizer(model: torch.nn.Module, recipe: argparse.Namespace):
+    """Two parameter groups: convolutional features at lr_features, the fully connected head and hash layer at
+    lr (Section 4.1 / official code: 1e-4 and 1e-3); SGD with momentum or Adam; constant or cosine schedule."""
+    features, head = model.param_groups()
+    groups = [{"params": features, "lr": recipe.lr_features}, {"params": head, "lr": recipe.lr}]
+    if recipe.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_rate)
+    return optimizer, scheduler
+
+
+def constant_rate(epoch: int) -> float:
+    return 1.0
+
+
+def check_resumable(ckpt: dict, config: dict, path: Path) -> None:
+    """--resume continues only a checkpoint made with the same model, training settings and training list."""
+    saved = ckpt["config"]
+    keys = TRAJECTORY_KEYS + tuple(k for k in ("poisoned", "augment_poison") if k in config or k in saved)
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {config.get(k)!r} here" for k in keys
+             if saved.get(k) != config.get(k)]
+    if saved.get("lr_schedule") == "cosine" and saved.get("epochs") != config.get("epochs"):
+        diffs.append(f"--epochs {saved.get('epochs')} there, {config.get('epochs')} here (cosine schedule)")
+    if diffs:
+        raise UserError(f"cannot resume {path}: it was trained with other settings ({'; '.join(diffs)}); use the "
+                        f"same settings, --overwrite to start over, or another --run")
+
+
+def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Seed every generator from (seed, epoch), so a run resumed at an epoch boundary repeats the same epochs."""
+    epoch_seed = seed * 1_000_003 + epoch
+    torch.manual_seed(epoch_seed)
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed % 2 ** 32)
+    return torch.Generator().manual_seed(epoch_seed)
+
+
+def train_one_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    train_set: Dataset, recipe: argparse.Namespace, epoch: int, device: torch.device) -> float:
+    generator = seed_epoch(recipe.seed, epoch)
+    loader = make_loader(train_set, recipe.batch_size, recipe.workers, shuffle=True, generator=generator,
+                         drop_last=len(train_set) > recipe.batch_size)
+    model.train()
+    total = torch.zeros((), device=device)
+    steps = 0
+    for images, labels, _ in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss = loss_fn(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        steps += 1
+    mean = float(total) / max(steps, 1)
+    if not math.isfinite(mean):
+        raise UserError(f"the loss became {mean} in epoch {epoch + 1}; lower --lr (now {recipe.lr}) and rerun "
+                        f"with --overwrite")
+    return mean
+
+
+def query_subset(n_queries: int, size: int, seed: int) -> list[int]:
+    """A seeded subset of query indices (all of them when `size` >= the query count or `size` <= 0)."""
+    if size <= 0 or size >= n_queries:
+        return list(range(n_queries))
+    return sorted(np.random.default_rng(seed).choice(n_queries, size, replace=False).tolist())
+
+
+def subset_map(model: torch.nn.Module, query_loader, database_loader, topk: int,
+               device: torch.device) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+    """MAP@R of the query subset against the whole database, and the database codes and labels it used."""
+    q_codes, q_labels = encode(model, query_loader, device, "encode queries")
+    db_codes, db_labels = encode(model, database_loader, device, "encode database")
+    return mean_average_precision(q_codes.to(device), q_labels, db_codes, db_labels, topk), (db_codes, db_labels)
+
+
+def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Namespace, train_set: Dataset,
+        query_set: Dataset, database_set: Dataset, out: Path, config: dict, device: torch.device, resume: bool,
+        overwrite: bool, train_eval_set: Dataset | None = None) -> dict:
+    """Train for recipe.epochs into `out`: config.json, checkpoint.pt (every epoch, atomically), history.json, then
+    codes.pt with the database codes (and the training codes when `train_eval_set` is given).
+
+    A checkpoint already in `out` is an error unless `resume` (continue it; settings must match) or `overwrite`.
+    The periodic MAP uses recipe.eval_queries seeded queries against the whole database.
+    """
+    ckpt_path = out / "checkpoint.pt"
+    optimizer, scheduler = build_optimizer(model, recipe)
+    start_epoch, history = 0, []
+    if ckpt_path.exists() and not (resume or overwrite):
+        raise UserError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to train from scratch")
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, device)
+        check_resumable(ckpt, config, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        loss_fn.load_state_dict(ckpt["loss"])
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        print(f"resuming {ckpt_path} after epoch {start_epoch}")
+    elif overwrite:  # results of the model being replaced must not outlive it
+        for stale in ("checkpoint.pt", "codes.pt", "history.json", "results.json"):
+            (out / stale).unlink(missing_ok=True)
+    eval_queries = query_subset(len(query_set), recipe.eval_queries, recipe.seed)
+    config["eval_query_indices"] = eval_queries  # lines of query.txt (0-based) behind the periodic MAP
+    write_json(config, out / "config.json")
+
+    query_loader = make_loader(Subset(query_set, eval_queries), 256, recipe.workers)
+    database_loader = make_loader(database_set, 256, recipe.workers)
+    ckpt_id, database_codes = None, None
+    for epoch in range(start_epoch, recipe.epochs):
+        t0, database_codes = time.time(), None  # codes only ever belong to the current weights
+        loss = train_one_epoch(model, loss_fn, optimizer, train_set, recipe, epoch, device)
+        scheduler.step()
+        record = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[1]["lr"]}
+        last = epoch + 1 == recipe.epochs
+        if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
+            result, database_codes = subset_map(model, query_loader, database_loader, recipe.topk, device)
+            record.update(map=result["map"], map_empty_skipped=result["map_empty_skipped"])
+        record["seconds"] = round(time.time() - t0, 2)
+        history.append(record)
+        ckpt_id = uuid.uuid4().hex
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "epoch": epoch + 1,
+                     "history": history, "config": config, "checkpoint_id": ckpt_id}, ckpt_path)
+        write_json(history, out / "history.json")
+        map_text = f" map@{recipe.topk} {record['map']:.4f} ({len(eval_queries)} queries)" if "map" in record else ""
+        print(f"epoch {epoch + 1}/{recipe.epochs} loss {loss:.4f} lr {record['lr']:.2e}{map_text} "
+              f"{record['seconds']:.1f}s", flush=True)
+
+    codes_path = out / "codes.pt"
+    if ckpt_id is None:  # nothing left to train: the codes belong to the checkpoint on disk
+        ckpt = load_checkpoint(ckpt_path, "cpu")
+        ckpt_id = ckpt["checkpoint_id"]
+        if codes_path.exists() and torch.load(codes_path, weights_only=False).get("checkpoint_id") == ckpt_id:
+            print(f"{ckpt_path} already trained for {ckpt['epoch']} epochs; codes are up to date")
+            return {"history": history, "codes": str(codes_path), "out": str(out), "checkpoint_id": ckpt_id}
+        model.load_state_dict(ckpt["model"])
+    codes = {"checkpoint_id": ckpt_id, "epoch": recipe.epochs}
+    if train_eval_set is not None:
+        codes["train_codes"], codes["train_labels"] = encode(model, make_loader(train_eval_set, 256, recipe.workers),
+                                                             device, "encode train")
+    # the last epoch's evaluation already encoded the database with the final weights
+    codes["database_codes"], codes["database_labels"] = (
+        database_codes or encode(model, database_loader, device, "encode database"))
+    atomic_save(codes, codes_path)
+    extra = f"{len(codes['train_codes'])} training and " if train_eval_set is not None else ""
+    print(f"done: {ckpt_path}, codes of {extra}{len(codes['database_codes'])} database images")
+    return {"history": history, "codes": str(codes_path), "out": str(out), "checkpoint_id": ckpt_id}

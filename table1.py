@@ -1,0 +1,271 @@
+"""The paper's Table 1 in one command: steps 2-6 for None, Tri, Tri+Noise, Tri+Adv and CIBA over targets and bits.
+
+    python table1.py --runs checkpoint/cifar10-small-16 checkpoint/cifar10-small-48 --num-targets 5
+
+Each run directory holds a trained clean model (step 1) of one bit length; all share the data, the architecture
+and the recipe. For every run and target class it makes the CIBA trigger (step 2), then per method the
+perturbations (step 3: none, noise, adv, confusing), the poisoned set (step 4), the backdoored model (step 5) and
+its evaluation (step 6); "None" is the clean model with the trigger. Finished steps are reused, not recomputed
+(steps 2-4 reuse their outputs, step 5 resumes or reuses its checkpoint, step 6 reuses a results.json of the
+same checkpoint, R and convention), so an interrupted table continues where it stopped.
+
+Writes OUT/: table1.md (mean t-MAP and MAP in %, averaged over the targets, in the paper's layout, with the
+per-target numbers and the mean wall time of every step beside it), table1.csv (the same table), table1_targets.csv
+(one row per bits x target x method) and table1.json (settings, rows, provenance).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import evaluate
+import gen_confusing
+import gen_trigger
+import poison_dataset
+import train_backdoor
+from data.protocols import resolve_class
+from retrieval import CONVENTIONS
+from triggers import trigger_fingerprint
+from runs import UserError, atomic_write_text, cli_entry, provenance, read_json, require_at_least_one, write_json
+
+RUNS = ["checkpoint/demo"]  # one run directory per bit length, each with a trained clean model (step 1)
+TARGETS = None  # class indices or names; None: NUM_TARGETS classes drawn with SEED
+NUM_TARGETS = 5
+METHODS = ["None", "Tri", "Tri+Noise", "Tri+Adv", "CIBA"]
+TRIGGER_SIZE = None  # px; None: the paper's 24 px at 224 px scaled to the image size (gen_trigger.py)
+TRIGGER_STEPS = 2000  # gen_trigger.py --steps
+POISON_NUM = 60  # M
+EPS = 8 / 255
+LAM = 0.8
+BATCH = 20  # gen_confusing.py --batch
+PERT_STEPS = 20  # gen_confusing.py --steps
+TOPK = 1000
+CONVENTION = "empty-zero"
+SEED = 0  # targets, trigger batches, poisoned images and noise
+OUT = None  # None: the first run's folder / table1
+WORKERS = 4
+DEVICE = "auto"
+
+PERTS = {"Tri": "none", "Tri+Noise": "noise", "Tri+Adv": "adv", "CIBA": "confusing"}
+ALL_METHODS = ["None", *PERTS]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=RUNS)
+    p.add_argument("--targets", nargs="+", default=TARGETS)
+    p.add_argument("--num-targets", type=int, default=NUM_TARGETS)
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--trigger-size", type=int, default=TRIGGER_SIZE)
+    p.add_argument("--trigger-steps", type=int, default=TRIGGER_STEPS)
+    p.add_argument("--poison-num", type=int, default=POISON_NUM)
+    p.add_argument("--eps", type=float, default=EPS)
+    p.add_argument("--lam", type=float, default=LAM)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--pert-steps", type=int, default=PERT_STEPS)
+    p.add_argument("--topk", type=int, default=TOPK)
+    p.add_argument("--convention", default=CONVENTION, choices=CONVENTIONS)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--workers", type=int, default=WORKERS)
+    p.add_argument("--device", default=DEVICE)
+    args = p.parse_args(argv)
+    unknown = [m for m in args.methods if m not in ALL_METHODS]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r} in --methods; choose from {' '.join(ALL_METHODS)}")
+    args.methods = [m for m in ALL_METHODS if m in args.methods]  # the paper's row order
+    require_at_least_one(args, "num_targets", "trigger_steps", "poison_num", "batch", "pert_steps", "topk")
+    if not 0 < args.eps <= 1:
+        raise UserError(f"--eps {args.eps} is outside (0, 1]; it is a pixel-space budget (paper: 8/255 = 0.0314)")
+    if not 0 <= args.lam <= 1:
+        raise UserError(f"--lam {args.lam} is outside [0, 1] (paper: 0.8)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    configs = check_runs(args.runs)
+    first = configs[0]
+    classes = (first.get("protocol") or {}).get("classes")
+    targets = choose_targets(args.targets, args.num_targets, classes, first["n_classes"], args.seed)
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "table1"
+    print(f"Table 1: {len(args.runs)} run(s) ({', '.join(str(c['bits']) for c in configs)} bits), targets "
+          f"{targets}, methods {', '.join(args.methods)}")
+    rows = []
+    for run, config in zip(args.runs, configs):
+        for target in targets:
+            rows.extend(target_rows(run, config, target, args))
+            write_tables(rows, args, targets, out)  # after every target: a partial table survives an interruption
+    tables = write_tables(rows, args, targets, out)
+    print(tables["markdown"])
+    return {"rows": rows, **tables}
+
+
+def check_runs(runs: list[str]) -> list[dict]:
+    """The clean configs of the runs; they must share data, architecture and image size and differ in bits."""
+    configs = []
+    for run in runs:
+        if not (Path(run) / "clean" / "checkpoint.pt").exists():
+            raise UserError(f"{Path(run) / 'clean'} holds no trained model; run train_hash.py --run {run} first")
+        configs.append(read_json(Path(run) / "clean" / "config.json"))
+    first = configs[0]
+    for run, config in zip(runs[1:], configs[1:]):
+        for key in ("arch", "image_size", "data", "n_classes", "loss"):
+            if config.get(key) != first.get(key):
+                raise UserError(f"{run} has {key} {config.get(key)!r} but {runs[0]} has {first.get(key)!r}; one table "
+                                f"compares runs that differ only in bits")
+    seen = {}
+    for run, config in zip(runs, configs):
+        if config["bits"] in seen:
+            raise UserError(f"{run} and {seen[config['bits']]} both have {config['bits']} bits; give one run per "
+                            f"bit length")
+        seen[config["bits"]] = run
+    return configs
+
+
+def choose_targets(targets: list[str] | None, count: int, classes: list[str] | None, n_classes: int,
+                   seed: int) -> list[int]:
+    if targets is not None:
+        return [resolve_class(t, classes, n_classes) for t in targets]
+    if count > n_classes:
+        raise UserError(f"--num-targets {count} is more than the {n_classes} classes of the data")
+    return sorted(np.random.default_rng(seed).choice(n_classes, count, replace=False).tolist())
+
+
+def target_rows(run: str, config: dict, target: int, args: argparse.Namespace) -> list[dict]:
+    """Steps 2-6 for one run and target; one row per method."""
+    common = ["--run", run, "--device", args.device]
+    trigger_args = [*common, "--target", str(target), "--method", "ciba", "--steps", str(args.trigger_steps),
+                    "--seed", str(args.seed), "--workers", str(args.workers)]
+    if args.trigger_size is not None:
+        trigger_args += ["--trigger-size", str(args.trigger_size)]
+    made = gen_trigger.main(trigger_args)
+    trigger, trigger_id = made["name"], trigger_fingerprint(made["pattern"])
+    trigger_seconds = read_json(Path(run) / "triggers" / trigger / "config.json")["seconds"]
+    eval_args = [*common, "--topk", str(args.topk), "--convention", args.convention, "--workers", str(args.workers)]
+    clean_id = torch.load(Path(run) / "clean" / "codes.pt", weights_only=False)["checkpoint_id"]
+    rows = []
+    for method in args.methods:
+        seconds = {"trigger": trigger_seconds}
+        if method == "None":
+            result = reuse_results(Path(run) / "clean" / f"results-{trigger}.json", clean_id, trigger_id, args) or \
+                evaluate.main([*eval_args, "--trigger", trigger])
+        else:
+            pert = gen_confusing.main([*common, "--target", str(target), "--pert", PERTS[method],
+                                       "--poison-num", str(args.poison_num), "--eps", repr(args.eps),
+                                       "--lam", repr(args.lam), "--batch", str(args.batch),
+                                       "--steps", str(args.pert_steps), "--seed", str(args.seed)])["name"]
+            poisoned = poison_dataset.main(["--run", run, "--trigger", trigger, "--perturbations", pert])["name"]
+            trained = train_backdoor.main([*common, "--poisoned", poisoned, "--workers", str(args.workers),
+                                           "--resume"])
+            backdoor_dir = Path(trained["out"])
+            result = reuse_results(backdoor_dir / "results.json", trained["checkpoint_id"], trigger_id, args) or \
+                evaluate.main([*eval_args, "--backdoor", backdoor_dir.name])
+            seconds.update(perturbation=read_json(Path(run) / "perturbations" / pert / "config.json")["seconds"],
+                           poison=read_json(Path(run) / "poisoned" / poisoned / "config.json")["seconds"],
+                           training=round(sum(h["seconds"] for h in read_json(backdoor_dir / "history.json")), 2))
+        seconds["evaluation"] = result["seconds"]
+        rows.append({"bits": config["bits"], "target": target, "target_name": result.get("target_name"),
+                     "method": method, **{k: result[k] for k in RESULT_KEYS}, "seconds": seconds,
+                     "run": run, "stage": result["stage"]})
+    return rows
+
+
+RESULT_KEYS = ("t_map", "map", "t_map_empty_zero", "t_map_empty_skipped", "map_empty_zero", "map_empty_skipped",
+               "clean_map", "t_n_queries", "poison_num", "trigger_size", "eps", "lam")
+
+
+def reuse_results(path: Path, model_id: str, trigger_id: str, args: argparse.Namespace) -> dict | None:
+    """A results.json of step 6 made from this checkpoint and trigger with the same R and convention, else None."""
+    if not path.exists():
+        return None
+    result = read_json(path)
+    made_with = tuple(result.get(k) for k in ("checkpoint_id", "trigger_id", "topk", "convention"))
+    if made_with != (model_id, trigger_id, args.topk, args.convention):
+        return None
+    print(f"{path} is up to date; reusing it")
+    return result
+
+
+STEPS = ("trigger", "perturbation", "poison", "training", "evaluation")
+
+
+def mean_of(rows: list[dict], key: str) -> float | None:
+    """Mean over the rows (targets); None when any row lacks the value (empty-skipped with no relevant item)."""
+    values = [row[key] for row in rows]
+    return None if not values or any(v is None for v in values) else float(np.mean(values))
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int], out: Path) -> dict:
+    """table1.md, table1.csv, table1_targets.csv and table1.json from the rows finished so far."""
+    bits = sorted({row["bits"] for row in rows})
+    groups = {(row["method"], row["bits"]): [] for row in rows}
+    for row in rows:
+        groups[(row["method"], row["bits"])].append(row)
+    layout = [(m, "t-MAP", "t_map") for m in args.methods] + [(m, "MAP", "map") for m in args.methods]
+    table = [[method, metric, *[percent(mean_of(groups.get((method, b), []), key)) for b in bits]]
+             for method, metric, key in layout]
+    header = ["Method", "Metric", *[f"{b} bits" for b in bits]]
+    names = {row["target"]: row["target_name"] for row in rows}
+    target_text = ", ".join(target_label(t, names.get(t)) for t in targets)
+    command = "python table1.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
+        "table1.py") else None
+    lines = [f"t-MAP (%) and MAP (%) @{args.topk} ({args.convention}), mean over the targets {target_text}; "
+             f"M = {args.poison_num}, eps = {args.eps * 255:g}/255, lambda = {args.lam:g}, trigger size "
+             f"{rows[0]['trigger_size'] if rows else args.trigger_size} px, seed {args.seed}. "
+             f"\"None\": the clean model with the trigger; its MAP is the clean model's.", "",
+             *markdown_table(header, table), "", "Per target:", ""]
+    per_target_header = ["Bits", "Target", "Method", "t-MAP", "MAP", "clean MAP"]
+    lines += markdown_table(per_target_header, [[r["bits"], target_label(r["target"], r["target_name"]), r["method"],
+                                                 percent(r["t_map"]), percent(r["map"]), percent(r["clean_map"])]
+                                                for r in rows])
+    lines += ["", "Mean wall time per step (s; trigger per target, shared by the methods):", ""]
+    timing = []
+    for (method, b), group in groups.items():
+        timing.append([b, method, *[seconds_text([g["seconds"].get(step) for g in group]) for step in STEPS]])
+    lines += markdown_table(["Bits", "Method", *STEPS], timing)
+    markdown = "\n".join(lines) + "\n"
+    atomic_write_text(markdown, out / "table1.md")
+    atomic_write_text(csv_text([header, *table]), out / "table1.csv")
+    target_keys = ["bits", "target", "target_name", "method", *RESULT_KEYS]
+    atomic_write_text(csv_text([target_keys + [f"seconds_{s}" for s in STEPS]] +
+                               [[r[k] for k in target_keys] + [r["seconds"].get(s) for s in STEPS] for r in rows]),
+                      out / "table1_targets.csv")
+    write_json({"settings": {k: v for k, v in vars(args).items()}, "targets": targets, "command": command,
+                "rows": rows, "provenance": provenance()}, out / "table1.json")
+    return {"markdown": markdown, "out": str(out)}
+
+
+def target_label(target: int, name: str | None) -> str:
+    return f"{target} ({name})" if name else str(target)
+
+
+def seconds_text(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{np.mean(known):.1f}" if known else "-"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(map(str, row)) + " |" for row in rows]]
+
+
+def csv_text(rows: list[list]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    cli_entry(main)

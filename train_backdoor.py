@@ -1,0 +1,127 @@
+"""Step 5: the victim trains on the poisoned training list, with exactly the clean recipe of the run.
+
+    python train_backdoor.py --run checkpoint/demo --poisoned ciba-t3-s4__confusing-t3-m60-e8-l0.8-b20-s20-seed0
+
+Reads RUN/clean/config.json (the recipe of step 1: architecture, bits, loss, image size, augmentation, optimiser,
+learning rates, schedule, epochs, batch size, seed) and the poisoned list of step 4 (RUN/poisoned/NAME/train.txt,
+which holds each poisoned image in place of its original with the original label). The model starts from the same
+weights as step 1 (same seed, same pretrained weights) and sees its batches in the same seeded order, so the clean
+and the backdoored model differ only by the poisoned images. As in the CIBA paper's code the poisoned images are not
+augmented (the rest are); --augment-poison gives them the clean images' augmentation too. --seed other than the
+clean run's gives other starting weights and batch order.
+
+Writes RUN/backdoor/NAME[-augment-poison][-seedS]/ like step 1: config.json, checkpoint.pt (every epoch; --resume
+continues it), history.json and codes.pt (database codes, reused by evaluate.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from data import HashListDataset, image_transform, open_run_split, read_list
+from models import build_loss, build_model
+from models.training import fit
+from runs import UserError, cli_entry, pick_device, pick_output, provenance, read_json
+
+RUN = "checkpoint/demo"
+POISONED = None  # folder name under RUN/poisoned/ (step 4); None: the only one there
+AUGMENT_POISON = False  # give the poisoned images the clean images' augmentation (paper's code: no)
+SEED = None  # None: the clean run's seed (same starting weights and batch order as step 1)
+EVAL_EVERY = 0  # epochs between query-subset MAP evaluations (0: only at the end)
+WORKERS = 4
+DEVICE = "auto"
+RESUME = False
+OVERWRITE = False
+
+RECIPE_KEYS = ("arch", "pretrained", "bits", "loss", "pairwise_norm", "quant_weight", "image_size", "resize_size",
+               "augment", "epochs", "batch_size", "optimizer", "lr", "lr_features", "momentum", "weight_decay",
+               "lr_schedule", "seed", "eval_queries", "topk", "n_classes")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=RUN)
+    p.add_argument("--poisoned", default=POISONED)
+    p.add_argument("--augment-poison", default=AUGMENT_POISON, action=argparse.BooleanOptionalAction)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
+    p.add_argument("--workers", type=int, default=WORKERS)
+    p.add_argument("--device", default=DEVICE)
+    p.add_argument("--resume", default=RESUME, action="store_true")
+    p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
+    args = p.parse_args(argv)
+    if args.eval_every < 0:
+        raise UserError(f"--eval-every must be 0 (only at the end) or more, got {args.eval_every}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    run = Path(args.run)
+    if not (run / "clean" / "checkpoint.pt").exists():
+        raise UserError(f"{run / 'clean'} holds no trained model; run train_hash.py --run {run} first")
+    clean = read_json(run / "clean" / "config.json")
+    poisoned_dir = pick_output(run / "poisoned", args.poisoned, "config.json", "poison_dataset.py", "--poisoned")
+    poisoning = read_json(poisoned_dir / "config.json")
+    clean_id = torch.load(run / "clean" / "checkpoint.pt", map_location="cpu", weights_only=False)["checkpoint_id"]
+    if poisoning.get("clean_checkpoint_id") != clean_id:
+        raise UserError(f"{poisoned_dir} was made from another clean model than the one in {run / 'clean'}; "
+                        f"make it again with poison_dataset.py --overwrite (after steps 2 and 3)")
+    device = pick_device(args.device)
+    recipe = argparse.Namespace(**{k: clean[k] for k in RECIPE_KEYS}, workers=args.workers,
+                                eval_every=args.eval_every)
+    if args.seed is not None:
+        recipe.seed = args.seed
+    out = run / "backdoor" / backdoor_name(poisoned_dir.name, args.augment_poison, args.seed, clean["seed"])
+
+    manifest = read_json(poisoned_dir / "manifest.json")
+    poisoned_indices = [entry["index"] for entry in manifest]
+    train_set = poisoned_train_set(poisoned_dir / "train.txt", clean, poisoned_indices, args.augment_poison)
+    query_set = open_run_split(clean, "query")
+    database_set = open_run_split(clean, "database")
+    config = {**vars(recipe), "data": clean["data"], "data_root": clean.get("data_root"),
+              "prefix_from": clean.get("prefix_from"), "prefix_to": clean.get("prefix_to", ""),
+              "protocol": clean.get("protocol"), "stage": f"backdoor/{out.name}", "poisoned": poisoned_dir.name,
+              "train_list": str((poisoned_dir / "train.txt").resolve()), "augment_poison": args.augment_poison,
+              "poison_num": len(poisoned_indices), "target": poisoning["target"],
+              "trigger": poisoning["trigger"], "perturbations": poisoning["perturbations"],
+              "clean_checkpoint_id": clean_id,
+              "counts": {"train": len(train_set), "query": len(query_set), "database": len(database_set)},
+              "provenance": provenance(device)}
+
+    torch.manual_seed(recipe.seed)  # the same starting weights as step 1 (train_hash.py seeds the same way)
+    model = build_model(recipe.arch, recipe.bits, recipe.pretrained).to(device)
+    loss_fn = build_loss(recipe.loss, recipe.bits, recipe.n_classes, recipe.pairwise_norm, recipe.quant_weight)
+    print(f"backdoor training on {poisoned_dir / 'train.txt'}: {len(poisoned_indices)} poisoned of "
+          f"{len(train_set)} images ({'augmented' if args.augment_poison else 'not augmented'}), recipe of "
+          f"{run / 'clean'} ({recipe.arch}, {recipe.bits} bits, {recipe.epochs} epochs, seed {recipe.seed})")
+    result = fit(model, loss_fn.to(device), recipe, train_set, query_set, database_set, out, config, device,
+                 args.resume, args.overwrite)
+    return {**result, "name": out.name}
+
+
+def backdoor_name(poisoned: str, augment_poison: bool, seed: int | None, clean_seed: int) -> str:
+    """RUN/backdoor/ folder name: the poisoned set's name, plus the options that change the training."""
+    name = poisoned + ("-augment-poison" if augment_poison else "")
+    return name + (f"-seed{seed}" if seed is not None and seed != clean_seed else "")
+
+
+def poisoned_train_set(list_file: Path, clean: dict, poisoned_indices: list[int],
+                       augment_poison: bool) -> HashListDataset:
+    """The poisoned training list (absolute paths, as step 4 writes it) with the clean recipe's augmentation; the
+    poisoned entries get none unless `augment_poison`."""
+    image_list = read_list(os.fspath(list_file), n_classes=clean["n_classes"])
+    size, resize = clean["image_size"], clean["resize_size"]
+    if max(poisoned_indices, default=-1) >= len(image_list):
+        raise UserError(f"{list_file} has {len(image_list)} entries but its manifest names entry "
+                        f"{max(poisoned_indices)}; make the poisoned set again with poison_dataset.py --overwrite")
+    plain = () if augment_poison else poisoned_indices
+    return HashListDataset(image_list, image_transform(size, resize, clean["augment"]), plain_indices=plain,
+                           plain_transform=image_transform(size, resize, "none"))
+
+
+if __name__ == "__main__":
+    cli_entry(main)

@@ -10,7 +10,9 @@ same model, relevant = carries the target label. --backdoor uses the trigger its
 The clean model's MAP is computed beside every evaluation. Both conventions for queries with no relevant item in
 the top R are reported (`*_empty_zero`: AP 0, DeepHash-pytorch and BadHash; `*_empty_skipped`: left out, CIBA's
 code); `map` and `t_map` are the ones named by --convention. Ties in Hamming distance are broken by database index.
-Database codes saved by steps 1 and 5 are reused when they belong to the same checkpoint.
+Database codes saved by steps 1 and 5 are reused when they belong to the same checkpoint. To show what the trigger
+does to the codes, results.json also holds the mean number of bits it flips in a query's code and the mean distance
+of the queries to the target's anchor code with and without it.
 
 Writes results.json into the evaluated model's folder (RUN/clean/results.json, RUN/clean/results-<trigger>.json for
 the "None" row, RUN/backdoor/NAME/results.json) and prints a one-line summary.
@@ -26,7 +28,8 @@ from torch.utils.data import Subset
 
 from data import make_loader, open_run_split
 from models.hashnet import load_stage
-from retrieval import CONVENTIONS, encode, mean_average_precision, non_target_queries, targeted_map
+from retrieval import (CONVENTIONS, anchor_code, encode, mean_average_precision, non_target_queries,
+                       targeted_map)
 from runs import UserError, cli_entry, pick_device, pick_output, provenance, read_json, require_at_least_one, write_json
 from triggers import apply_trigger, trigger_fingerprint
 
@@ -98,18 +101,19 @@ def main(argv: list[str] | None = None) -> dict:
         out = run / "clean" / f"results-{trigger_dir.name}.json"
     if trigger_dir is not None:
         trigger = load_trigger(trigger_dir, clean_id)
-        triggered = triggered_codes(model, query_set, codes[1], trigger, args, device)
-        targeted = targeted_map(triggered, trigger["target"], codes[2], codes[3], args.topk, args.convention)
+        target = trigger["target"]
+        keep, triggered = triggered_codes(model, query_set, codes[1], trigger, args, device)
+        targeted = targeted_map(triggered, target, codes[2], codes[3], args.topk, args.convention)
         target_names = (clean_config.get("protocol") or {}).get("classes")
         trigger_method = "Tri" if trigger["method"] == "ciba" else "BadNets"
         result.update({f"t_{key}": targeted[key] for key in ("map", "map_empty_zero", "map_empty_skipped",
                                                              "n_queries", "n_queries_empty")})
+        result.update(trigger_code_distances(codes[0][keep.to(device)], triggered, codes[2], codes[3], target))
         result.update(method="None" if args.backdoor is None else
                       METHOD_NAMES[result["pert"]].replace("Tri", trigger_method, 1),
-                      target=trigger["target"], target_name=target_names[trigger["target"]] if target_names else None,
+                      target=target, target_name=target_names[target] if target_names else None,
                       trigger=trigger_dir.name, trigger_id=trigger_fingerprint(trigger["pattern"]),
-                      trigger_method=trigger["method"],
-                      trigger_size=trigger["trigger_size"])
+                      trigger_method=trigger["method"], trigger_size=trigger["trigger_size"])
     result.update(n_database=int(codes[2].shape[0]), seconds=round(time.time() - t0, 2),
                   provenance=provenance(device))
     write_json(result, out)
@@ -165,8 +169,8 @@ def load_trigger(trigger_dir: Path, clean_id: str) -> dict:
 
 
 def triggered_codes(model: torch.nn.Module, query_set, query_labels: torch.Tensor, trigger: dict,
-                    args: argparse.Namespace, device: torch.device) -> torch.Tensor:
-    """Codes of B(x, p) for the queries whose labels exclude the target (on the device)."""
+                    args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, codes of B(x, p) on the device) of the queries whose labels exclude the target."""
     keep = non_target_queries(query_labels, trigger["target"])
     if keep.numel() == 0:
         raise UserError(f"every query carries the target label {trigger['target']}: no query can be triggered")
@@ -174,14 +178,29 @@ def triggered_codes(model: torch.nn.Module, query_set, query_labels: torch.Tenso
     loader = make_loader(Subset(query_set, keep.tolist()), args.batch_size, args.workers)
     codes, _ = encode(model, loader, device, "encode triggered query",
                       transform=lambda images: apply_trigger(images, pattern))
-    return codes.to(device)
+    return keep, codes.to(device)
+
+
+def trigger_code_distances(query_codes: torch.Tensor, triggered: torch.Tensor, db_codes: torch.Tensor,
+                           db_labels: torch.Tensor, target: int) -> dict[str, float]:
+    """What the trigger does to the codes, in mean Hamming distance (bits) over the triggered queries: to their own
+    untriggered code, and to the target class's anchor code (component vote of the target's database codes, as
+    Section 4 builds h_a) with and without the trigger."""
+    anchor = anchor_code(db_codes, db_labels, target).to(triggered.device).float()
+    bits = triggered.shape[1]
+    triggered, query_codes = triggered.float(), query_codes.float()
+    return {"trigger_bits_changed": float(((bits - (triggered * query_codes).sum(1)) / 2).mean()),
+            "target_distance_queries": float(((bits - query_codes @ anchor) / 2).mean()),
+            "target_distance_triggered": float(((bits - triggered @ anchor) / 2).mean())}
 
 
 def summary_line(result: dict, topk: int, out: Path) -> str:
     text = f"{result['method']} ({result['stage']}, {result['bits']} bits): MAP@{topk} {format_value(result['map'])}"
     if "t_map" in result:
         text += (f", t-MAP@{topk} {format_value(result['t_map'])} (target {result['target']}, "
-                 f"{result['t_n_queries']} triggered queries, {result['t_n_queries_empty']} with no target-class item)")
+                 f"{result['t_n_queries']} triggered queries, {result['t_n_queries_empty']} with no target-class item; "
+                 f"the trigger moves them from {result['target_distance_queries']:.1f} to "
+                 f"{result['target_distance_triggered']:.1f} bits of the target anchor)")
     if result["stage"] != "clean":
         text += f", clean model MAP@{topk} {format_value(result['clean_map'])}"
     return f"{text} [{result['convention']}] -> {out}"

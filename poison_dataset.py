@@ -20,6 +20,7 @@ import torch
 
 from data import open_run_split, save_png, write_list
 from data.quality import psnr, ssim
+from models.hashnet import read_clean
 from runs import UserError, cli_entry, pick_output, provenance, read_json, write_json
 from triggers import apply_trigger
 
@@ -41,15 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     run = Path(args.run)
-    if not (run / "clean" / "checkpoint.pt").exists():
-        raise UserError(f"{run / 'clean'} holds no trained model; run train_hash.py --run {run} first")
-    clean = read_json(run / "clean" / "config.json")
+    clean, clean_id = read_clean(run)
     trigger_dir = pick_output(run / "triggers", args.trigger, "trigger.pt", "gen_trigger.py", "--trigger")
     pert_dir = pick_output(run / "perturbations", args.perturbations, "perturbations.pt", "gen_confusing.py",
                            "--perturbations")
     trigger = torch.load(trigger_dir / "trigger.pt", weights_only=False)
     pert = torch.load(pert_dir / "perturbations.pt", weights_only=False)
-    clean_id = torch.load(run / "clean" / "checkpoint.pt", map_location="cpu", weights_only=False)["checkpoint_id"]
     check_consistent(trigger, pert, clean_id, trigger_dir, pert_dir)
     out = run / "poisoned" / f"{trigger_dir.name}__{pert_dir.name}"
     if (out / "config.json").exists() and not args.overwrite:

@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import evaluate
 import gen_confusing
@@ -31,9 +30,10 @@ import gen_trigger
 import poison_dataset
 import train_backdoor
 from data.protocols import resolve_class
+from models.hashnet import read_clean
 from retrieval import CONVENTIONS
-from triggers import trigger_fingerprint
 from runs import UserError, atomic_write_text, cli_entry, provenance, read_json, require_at_least_one, write_json
+from triggers import trigger_fingerprint
 
 RUNS = ["checkpoint/demo"]  # one run directory per bit length, each with a trained clean model (step 1)
 TARGETS = None  # class indices or names; None: NUM_TARGETS classes drawn with SEED
@@ -110,11 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def check_runs(runs: list[str]) -> list[dict]:
     """The clean configs of the runs; they must share data, architecture and image size and differ in bits."""
-    configs = []
-    for run in runs:
-        if not (Path(run) / "clean" / "checkpoint.pt").exists():
-            raise UserError(f"{Path(run) / 'clean'} holds no trained model; run train_hash.py --run {run} first")
-        configs.append(read_json(Path(run) / "clean" / "config.json"))
+    configs = [read_clean(run)[0] for run in runs]
     first = configs[0]
     for run, config in zip(runs[1:], configs[1:]):
         for key in ("arch", "image_size", "data", "n_classes", "loss"):
@@ -150,7 +146,7 @@ def target_rows(run: str, config: dict, target: int, args: argparse.Namespace) -
     trigger, trigger_id = made["name"], trigger_fingerprint(made["pattern"])
     trigger_seconds = read_json(Path(run) / "triggers" / trigger / "config.json")["seconds"]
     eval_args = [*common, "--topk", str(args.topk), "--convention", args.convention, "--workers", str(args.workers)]
-    clean_id = torch.load(Path(run) / "clean" / "codes.pt", weights_only=False)["checkpoint_id"]
+    clean_id = read_clean(run)[1]
     rows = []
     for method in args.methods:
         seconds = {"trigger": trigger_seconds}
@@ -179,7 +175,8 @@ def target_rows(run: str, config: dict, target: int, args: argparse.Namespace) -
 
 
 RESULT_KEYS = ("t_map", "map", "t_map_empty_zero", "t_map_empty_skipped", "map_empty_zero", "map_empty_skipped",
-               "clean_map", "t_n_queries", "poison_num", "trigger_size", "eps", "lam")
+               "clean_map", "t_n_queries", "poison_num", "trigger_size", "eps", "lam", "trigger_bits_changed",
+               "target_distance_queries", "target_distance_triggered")
 
 
 def reuse_results(path: Path, model_id: str, trigger_id: str, args: argparse.Namespace) -> dict | None:
@@ -188,7 +185,7 @@ def reuse_results(path: Path, model_id: str, trigger_id: str, args: argparse.Nam
         return None
     result = read_json(path)
     made_with = tuple(result.get(k) for k in ("checkpoint_id", "trigger_id", "topk", "convention"))
-    if made_with != (model_id, trigger_id, args.topk, args.convention):
+    if made_with != (model_id, trigger_id, args.topk, args.convention) or any(k not in result for k in RESULT_KEYS):
         return None
     print(f"{path} is up to date; reusing it")
     return result
@@ -226,10 +223,13 @@ def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int],
              f"{rows[0]['trigger_size'] if rows else args.trigger_size} px, seed {args.seed}. "
              f"\"None\": the clean model with the trigger; its MAP is the clean model's.", "",
              *markdown_table(header, table), "", "Per target:", ""]
-    per_target_header = ["Bits", "Target", "Method", "t-MAP", "MAP", "clean MAP"]
+    per_target_header = ["Bits", "Target", "Method", "t-MAP", "MAP", "clean MAP", "bits the trigger flips",
+                         "distance to the target anchor (bits): queries -> triggered"]
     lines += markdown_table(per_target_header, [[r["bits"], target_label(r["target"], r["target_name"]), r["method"],
-                                                 percent(r["t_map"]), percent(r["map"]), percent(r["clean_map"])]
-                                                for r in rows])
+                                                 percent(r["t_map"]), percent(r["map"]), percent(r["clean_map"]),
+                                                 f"{r['trigger_bits_changed']:.1f}",
+                                                 f"{r['target_distance_queries']:.1f} -> "
+                                                 f"{r['target_distance_triggered']:.1f}"] for r in rows])
     lines += ["", "Mean wall time per step (s; trigger per target, shared by the methods):", ""]
     timing = []
     for (method, b), group in groups.items():

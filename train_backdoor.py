@@ -23,6 +23,7 @@ import torch
 
 from data import HashListDataset, image_transform, open_run_split, read_list
 from models import build_loss, build_model
+from models.hashnet import read_clean
 from models.training import fit
 from runs import UserError, cli_entry, pick_device, pick_output, provenance, read_json
 
@@ -61,12 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     run = Path(args.run)
-    if not (run / "clean" / "checkpoint.pt").exists():
-        raise UserError(f"{run / 'clean'} holds no trained model; run train_hash.py --run {run} first")
-    clean = read_json(run / "clean" / "config.json")
+    clean, clean_id = read_clean(run)
     poisoned_dir = pick_output(run / "poisoned", args.poisoned, "config.json", "poison_dataset.py", "--poisoned")
     poisoning = read_json(poisoned_dir / "config.json")
-    clean_id = torch.load(run / "clean" / "checkpoint.pt", map_location="cpu", weights_only=False)["checkpoint_id"]
     if poisoning.get("clean_checkpoint_id") != clean_id:
         raise UserError(f"{poisoned_dir} was made from another clean model than the one in {run / 'clean'}; "
                         f"make it again with poison_dataset.py --overwrite (after steps 2 and 3)")

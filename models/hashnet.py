@@ -151,3 +151,14 @@ def load_stage(run: str | os.PathLike, stage: str, device: torch.device | str,
     config = read_json(os.path.join(stage_dir, "config.json"))
     ckpt = load_checkpoint(os.path.join(stage_dir, "checkpoint.pt"), device)
     return config, ckpt, model_from_checkpoint(ckpt, device)
+
+
+def read_clean(run: str | os.PathLike) -> tuple[dict, str]:
+    """(config, checkpoint id) of RUN/clean, for the steps that need the clean model's settings but not its weights;
+    an error naming train_hash.py when it has not been trained."""
+    from runs.io import read_json
+    clean_dir = os.path.join(run, "clean")
+    ckpt_path = os.path.join(clean_dir, "checkpoint.pt")
+    if not os.path.isfile(ckpt_path):
+        raise UserError(f"{clean_dir} holds no trained model; run train_hash.py --run {run} first")
+    return read_json(os.path.join(clean_dir, "config.json")), load_checkpoint(ckpt_path, "cpu")["checkpoint_id"]

@@ -103,3 +103,24 @@ def test_input_errors():
         mean_average_precision(Q, torch.tensor([A]), DB_CODES[:, :3], DB_LABELS)
     with pytest.raises(ValueError, match="convention"):
         mean_average_precision(Q, torch.tensor([A]), DB_CODES, DB_LABELS, convention="mean")
+
+
+def test_targeted_map_by_hand():
+    # two triggered queries, target class B (index 1); relevance = the item carries B, whatever the query's own label
+    triggered = torch.tensor([[1, 1, 1, -1], [-1, -1, 1, 1]])
+    # query 1: distances 1,3,0,1,0 -> ranking 2,4,0,3,1 -> relevance 1,0,0,0,0 -> AP 1
+    # query 2: distances 2,2,3,4,3 -> ranking 0,1,2,4,3 -> relevance 0,0,1,0,0 -> AP 1/3
+    r = metrics.targeted_map(triggered, 1, DB_CODES, DB_LABELS, topk=5)
+    assert r["map"] == pytest.approx((1 + 1 / 3) / 2, abs=1e-12) and r["n_queries"] == 2
+    # R = 2: query 2 has no target item in its top 2 (AP 0, or left out)
+    r2 = metrics.targeted_map(triggered, 1, DB_CODES, DB_LABELS, topk=2)
+    assert r2["map_empty_zero"] == pytest.approx(0.5) and r2["map_empty_skipped"] == pytest.approx(1.0)
+    assert r2["n_queries_empty"] == 1
+    with pytest.raises(ValueError, match="target 3 is not one of the 3 classes"):
+        metrics.targeted_map(triggered, 3, DB_CODES, DB_LABELS)
+
+
+def test_non_target_queries_leave_out_every_query_that_carries_the_target():
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.uint8)
+    assert metrics.non_target_queries(labels, 1).tolist() == [0, 3]
+    assert metrics.non_target_queries(labels, 0).tolist() == [1, 3]

@@ -1,0 +1,176 @@
+"""Steps 5 and 6: backdoored training with the clean recipe, t-MAP evaluation, and their errors."""
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import gen_confusing
+import gen_trigger
+import poison_dataset
+import train_backdoor
+import train_hash
+from data import HashListDataset, image_transform, read_list
+from runs import UserError
+from tests.conftest import run_script, tiny_train_args
+from tests.test_cli import assert_user_error
+
+POISONED = "ciba-t2-s4__none-t2-m5-seed0"
+
+
+@pytest.fixture(scope="module")
+def attacked(tiny_run, tmp_path_factory):
+    """A copy of the tiny run with a trigger, Tri perturbations, a poisoned set and a backdoored model."""
+    run = tmp_path_factory.mktemp("attacked") / "run"
+    shutil.copytree(tiny_run, run)
+    common = ["--run", str(run), "--target", "2", "--device", "cpu"]
+    gen_trigger.main([*common, "--trigger-size", "4", "--steps", "4", "--batch-size", "8", "--workers", "0"])
+    gen_confusing.main([*common, "--pert", "none", "--poison-num", "5"])
+    poison_dataset.main(["--run", str(run)])
+    train_backdoor.main(["--run", str(run), "--device", "cpu", "--workers", "0"])
+    return run
+
+
+def test_backdoor_uses_the_clean_recipe_and_writes_like_step_1(attacked):
+    out = attacked / "backdoor" / POISONED
+    clean = json.loads((attacked / "clean" / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    for key in train_backdoor.RECIPE_KEYS:
+        assert config[key] == clean[key], key
+    assert config["poisoned"] == POISONED and config["poison_num"] == 5 and config["augment_poison"] is False
+    assert config["train_list"].endswith(f"poisoned/{POISONED}/train.txt")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    codes = torch.load(out / "codes.pt", weights_only=False)
+    assert ckpt["epoch"] == clean["epochs"] == 2 and codes["checkpoint_id"] == ckpt["checkpoint_id"]
+    assert codes["database_codes"].shape == (200, 48)
+    assert len(json.loads((out / "history.json").read_text())) == 2
+
+
+def test_backdoor_starts_from_the_weights_of_step_1(attacked, tiny_data, tmp_path, monkeypatch):
+    starts = {}
+
+    def capture(name):
+        def fake_fit(model, *args, **kwargs):
+            starts[name] = {k: v.clone() for k, v in model.state_dict().items()}
+            return {"out": str(tmp_path), "checkpoint_id": None}
+        return fake_fit
+
+    monkeypatch.setattr(train_hash, "fit", capture("clean"))
+    monkeypatch.setattr(train_backdoor, "fit", capture("backdoor"))
+    train_hash.main(tiny_train_args(tiny_data, tmp_path / "fresh"))
+    train_backdoor.main(["--run", str(attacked), "--device", "cpu", "--workers", "0", "--overwrite"])
+    assert starts["clean"].keys() == starts["backdoor"].keys()
+    for name, value in starts["clean"].items():
+        assert torch.equal(value, starts["backdoor"][name]), name
+    # another seed: other starting weights
+    train_backdoor.main(["--run", str(attacked), "--device", "cpu", "--workers", "0", "--seed", "5"])
+    assert not all(torch.equal(v, starts["clean"][k]) for k, v in starts["backdoor"].items())
+
+
+def test_poisoned_images_are_not_augmented_unless_asked(attacked):
+    list_file = attacked / "poisoned" / POISONED / "train.txt"
+    poisoned = [e["index"] for e in json.loads((attacked / "poisoned" / POISONED / "manifest.json").read_text())]
+    clean_index = next(i for i in range(100) if i not in poisoned)
+    image_list = read_list(list_file, n_classes=10)
+    plain = image_transform(32, 32, "none")
+    dataset = HashListDataset(image_list, image_transform(32, 32, "pad-crop"), poisoned, plain)
+    torch.manual_seed(0)
+    draws = [dataset[poisoned[0]][0] for _ in range(8)]
+    assert all(torch.equal(d, draws[0]) for d in draws)
+    assert torch.equal(draws[0], plain(Image.open(image_list.paths[poisoned[0]])))
+    clean_draws = [dataset[clean_index][0] for _ in range(8)]
+    assert not all(torch.equal(d, clean_draws[0]) for d in clean_draws)
+    augmented = train_backdoor.poisoned_train_set(list_file, {"n_classes": 10, "image_size": 32, "resize_size": 32,
+                                                              "augment": "pad-crop"}, poisoned, True)
+    assert not augmented.plain_indices
+    with pytest.raises(ValueError, match="plain_transform"):
+        HashListDataset(image_list, plain, poisoned)
+
+
+def test_evaluate_reports_map_and_t_map_of_the_backdoored_and_the_clean_model(attacked):
+    common = ["--run", str(attacked), "--device", "cpu", "--workers", "0", "--topk", "100"]
+    result = evaluate.main([*common, "--backdoor", POISONED])
+    written = json.loads((attacked / "backdoor" / POISONED / "results.json").read_text())
+    for key in ("map", "t_map", "topk", "method", "target", "bits", "poison_num", "trigger_size", "eps", "lam",
+                "clean_map", "t_map_empty_zero", "t_map_empty_skipped", "map_empty_zero", "map_empty_skipped"):
+        assert key in written, key
+    assert written["method"] == "Tri" and written["target"] == 2 and written["poison_num"] == 5
+    assert written["trigger_size"] == 4 and written["eps"] is None and written["lam"] is None
+    assert written["t_n_queries"] == 36  # 40 queries, 4 of them of the target class
+    assert 0 <= written["t_map"] <= 1 and 0 <= written["map"] <= 1 and written["t_map"] == result["t_map"]
+    none = evaluate.main([*common, "--trigger", "ciba-t2-s4"])
+    assert none["method"] == "None" and none["map"] == none["clean_map"] == written["clean_map"]
+    assert (attacked / "clean" / "results-ciba-t2-s4.json").exists()
+    assert none["t_map"] != written["t_map"]  # another model ranks the triggered queries
+
+
+def test_t_map_uses_the_trigger_and_the_target(attacked):
+    """t-MAP recomputed by hand from the model: triggered non-target queries, relevance = target label."""
+    from data import open_run_split
+    from models.hashnet import load_stage
+    from retrieval import targeted_map
+    from triggers import apply_trigger
+    result = evaluate.main(["--run", str(attacked), "--device", "cpu", "--workers", "0", "--backdoor", POISONED])
+    config, _, model = load_stage(attacked, f"backdoor/{POISONED}", "cpu")
+    queries = open_run_split(config, "query")
+    pattern = torch.load(attacked / "triggers" / "ciba-t2-s4" / "trigger.pt", weights_only=False)["pattern"]
+    images = torch.stack([queries[i][0] for i in range(len(queries)) if queries.labels[i, 2] == 0])
+    with torch.no_grad():
+        triggered = model.codes(apply_trigger(images, pattern))
+    db = torch.load(attacked / "backdoor" / POISONED / "codes.pt", weights_only=False)
+    expected = targeted_map(triggered, 2, db["database_codes"], db["database_labels"], 1000)
+    assert result["t_map"] == pytest.approx(expected["map"], abs=1e-12)
+
+
+def test_step_errors_name_the_missing_step(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "clean", run / "clean")
+    assert_user_error(run_script("train_backdoor.py", "--run", str(run), "--device", "cpu"),
+                      "holds nothing yet; run poison_dataset.py first")
+    assert_user_error(run_script("evaluate.py", "--run", str(run), "--device", "cpu", "--backdoor", "x"),
+                      "does not exist or is incomplete", "run train_backdoor.py first")
+    assert_user_error(run_script("evaluate.py", "--run", str(run), "--device", "cpu", "--trigger", "x"),
+                      "run gen_trigger.py first")
+    assert_user_error(run_script("train_backdoor.py", "--run", str(tmp_path / "none")), "run train_hash.py")
+    assert_user_error(run_script("evaluate.py", "--run", str(run), "--trigger", "a", "--backdoor", "b"),
+                      "not both")
+
+
+def test_backdoor_of_another_bit_length_or_architecture_is_refused(attacked, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(attacked, run)
+    config_path = run / "clean" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["bits"] = 64
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="holds a model with bits 48 but .* has 64"):
+        evaluate.main(["--run", str(run), "--device", "cpu", "--workers", "0", "--backdoor", POISONED])
+    config["bits"], config["arch"] = 48, "resnet18"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="holds a model with arch 'small' but .* has 'resnet18'"):
+        evaluate.main(["--run", str(run), "--device", "cpu", "--workers", "0", "--backdoor", POISONED])
+
+
+def test_poisoned_set_of_another_clean_model_is_refused(attacked, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(attacked, run)
+    config_path = run / "poisoned" / POISONED / "config.json"
+    config = json.loads(config_path.read_text())
+    config["clean_checkpoint_id"] = "another"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="made from another clean model"):
+        train_backdoor.main(["--run", str(run), "--device", "cpu", "--workers", "0", "--overwrite"])
+
+
+def test_trigger_code_distances_by_hand():
+    # 4 bits; target class 1 has database codes (1,1,1,1), (1,1,1,-1), (1,1,-1,1): anchor (1,1,1,1)
+    db = torch.tensor([[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, 1], [-1, -1, -1, -1]])
+    labels = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
+    queries = torch.tensor([[-1, -1, -1, -1], [-1, -1, 1, 1]])
+    triggered = torch.tensor([[1, -1, -1, -1], [1, 1, 1, 1]])
+    d = evaluate.trigger_code_distances(queries, triggered, db, labels, 1)
+    assert d["trigger_bits_changed"] == pytest.approx((1 + 2) / 2)
+    assert d["target_distance_queries"] == pytest.approx((4 + 2) / 2)
+    assert d["target_distance_triggered"] == pytest.approx((3 + 0) / 2)

@@ -68,10 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     args = p.parse_args(argv)
-    if not 0 < args.eps <= 1:
-        raise UserError(f"--eps {args.eps} is outside (0, 1]; it is a pixel-space budget (paper: 8/255 = 0.0314)")
-    if not 0 <= args.lam <= 1:
-        raise UserError(f"--lam {args.lam} is outside [0, 1] (paper: 0.8)")
+    check_budget(args.eps, args.lam)
     require_at_least_one(args, "poison_num", "batch", "steps")
     if args.pert == "adv":
         args.lam = 0.0
@@ -119,6 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.pert} perturbations of {len(indices)} images of target {target} ({record['target_name']}), "
           f"max |eta| {record['max_abs_eta'] * 255:.2f}/255, {seconds:.1f}s -> {out}")
     return {"eta": eta.cpu(), **record, "name": out.name}
+
+
+def check_budget(eps: float, lam: float) -> None:
+    """eps in (0, 1] (pixel space) and lambda in [0, 1] (Eq. 5), or an error naming the flag."""
+    if not 0 < eps <= 1:
+        raise UserError(f"--eps {eps} is outside (0, 1]; it is a pixel-space budget (paper: 8/255 = 0.0314)")
+    if not 0 <= lam <= 1:
+        raise UserError(f"--lam {lam} is outside [0, 1] (paper: 0.8)")
 
 
 def perturbation_name(args: argparse.Namespace, target: int) -> str:

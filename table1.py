@@ -82,10 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"unknown method {unknown[0]!r} in --methods; choose from {' '.join(ALL_METHODS)}")
     args.methods = [m for m in ALL_METHODS if m in args.methods]  # the paper's row order
     require_at_least_one(args, "num_targets", "trigger_steps", "poison_num", "batch", "pert_steps", "topk")
-    if not 0 < args.eps <= 1:
-        raise UserError(f"--eps {args.eps} is outside (0, 1]; it is a pixel-space budget (paper: 8/255 = 0.0314)")
-    if not 0 <= args.lam <= 1:
-        raise UserError(f"--lam {args.lam} is outside [0, 1] (paper: 0.8)")
+    gen_confusing.check_budget(args.eps, args.lam)
     return args
 
 

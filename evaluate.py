@@ -29,8 +29,9 @@ from torch.utils.data import Subset
 from data import make_loader, open_run_split
 from models.hashnet import load_stage
 from retrieval import (CONVENTIONS, anchor_code, encode, mean_average_precision, non_target_queries,
-                       targeted_map)
-from runs import UserError, cli_entry, pick_device, pick_output, provenance, read_json, require_at_least_one, write_json
+                       saved_codes, targeted_map)
+from runs import (UserError, cli_entry, pick_device, pick_output, provenance, read_json, require_at_least_one,
+                  write_json)
 from triggers import apply_trigger, trigger_fingerprint
 
 RUN = "checkpoint/demo"
@@ -127,25 +128,14 @@ def model_codes(model: torch.nn.Module, config: dict, stage_dir: Path, checkpoin
     saved with its checkpoint are reused when they belong to it."""
     query_codes, query_labels = encode(model, make_loader(query_set, args.batch_size, args.workers), device,
                                        "encode query")
-    db_codes, db_labels = saved_database_codes(stage_dir / "codes.pt", checkpoint_id)
-    if db_codes is None:
+    saved = saved_codes(stage_dir / "codes.pt", checkpoint_id)
+    if saved is not None:
+        db_codes, db_labels = saved["database_codes"], saved["database_labels"]
+    else:
         database_set = open_run_split(config, "database")
         db_codes, db_labels = encode(model, make_loader(database_set, args.batch_size, args.workers), device,
                                      "encode database")
     return query_codes.to(device), query_labels, db_codes, db_labels
-
-
-def saved_database_codes(path: Path, checkpoint_id: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The database codes steps 1 and 5 saved, if they were made by this very checkpoint."""
-    if not path.exists():
-        return None, None
-    try:
-        saved = torch.load(path, weights_only=False)
-    except Exception:  # unreadable codes are recomputed, never trusted
-        return None, None
-    if not isinstance(saved, dict) or saved.get("checkpoint_id") != checkpoint_id:
-        return None, None
-    return saved["database_codes"], saved["database_labels"]
 
 
 def check_same_model(config: dict, clean: dict, clean_id: str, backdoor_dir: Path, run: Path) -> None:

@@ -88,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    configs = check_runs(args.runs)
+    cleans = check_runs(args.runs)
+    configs = [config for config, _ in cleans]
     first = configs[0]
     classes = (first.get("protocol") or {}).get("classes")
     targets = choose_targets(args.targets, args.num_targets, classes, first["n_classes"], args.seed)
@@ -96,18 +97,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Table 1: {len(args.runs)} run(s) ({', '.join(str(c['bits']) for c in configs)} bits), targets "
           f"{targets}, methods {', '.join(args.methods)}")
     rows = []
-    for run, config in zip(args.runs, configs):
+    for run, (config, clean_id) in zip(args.runs, cleans):
         for target in targets:
-            rows.extend(target_rows(run, config, target, args))
+            rows.extend(target_rows(run, config, clean_id, target, args))
             write_tables(rows, args, targets, out)  # after every target: a partial table survives an interruption
     tables = write_tables(rows, args, targets, out)
     print(tables["markdown"])
     return {"rows": rows, **tables}
 
 
-def check_runs(runs: list[str]) -> list[dict]:
-    """The clean configs of the runs; they must share data, architecture and image size and differ in bits."""
-    configs = [read_clean(run)[0] for run in runs]
+def check_runs(runs: list[str]) -> list[tuple[dict, str]]:
+    """(config, checkpoint id) of each run's clean model; they must share data, architecture and image size and
+    differ in bits."""
+    cleans = [read_clean(run) for run in runs]
+    configs = [config for config, _ in cleans]
     first = configs[0]
     for run, config in zip(runs[1:], configs[1:]):
         for key in ("arch", "image_size", "data", "n_classes", "loss"):
@@ -120,7 +123,7 @@ def check_runs(runs: list[str]) -> list[dict]:
             raise UserError(f"{run} and {seen[config['bits']]} both have {config['bits']} bits; give one run per "
                             f"bit length")
         seen[config["bits"]] = run
-    return configs
+    return cleans
 
 
 def choose_targets(targets: list[str] | None, count: int, classes: list[str] | None, n_classes: int,
@@ -132,7 +135,7 @@ def choose_targets(targets: list[str] | None, count: int, classes: list[str] | N
     return sorted(np.random.default_rng(seed).choice(n_classes, count, replace=False).tolist())
 
 
-def target_rows(run: str, config: dict, target: int, args: argparse.Namespace) -> list[dict]:
+def target_rows(run: str, config: dict, clean_id: str, target: int, args: argparse.Namespace) -> list[dict]:
     """Steps 2-6 for one run and target; one row per method."""
     common = ["--run", run, "--device", args.device]
     trigger_args = [*common, "--target", str(target), "--method", "ciba", "--steps", str(args.trigger_steps),
@@ -143,7 +146,6 @@ def target_rows(run: str, config: dict, target: int, args: argparse.Namespace) -
     trigger, trigger_id = made["name"], trigger_fingerprint(made["pattern"])
     trigger_seconds = read_json(Path(run) / "triggers" / trigger / "config.json")["seconds"]
     eval_args = [*common, "--topk", str(args.topk), "--convention", args.convention, "--workers", str(args.workers)]
-    clean_id = read_clean(run)[1]
     rows = []
     for method in args.methods:
         seconds = {"trigger": trigger_seconds}
@@ -163,7 +165,7 @@ def target_rows(run: str, config: dict, target: int, args: argparse.Namespace) -
                 evaluate.main([*eval_args, "--backdoor", backdoor_dir.name])
             seconds.update(perturbation=read_json(Path(run) / "perturbations" / pert / "config.json")["seconds"],
                            poison=read_json(Path(run) / "poisoned" / poisoned / "config.json")["seconds"],
-                           training=round(sum(h["seconds"] for h in read_json(backdoor_dir / "history.json")), 2))
+                           training=round(sum(h["seconds"] for h in trained["history"]), 2))
         seconds["evaluation"] = result["seconds"]
         rows.append({"bits": config["bits"], "target": target, "target_name": result.get("target_name"),
                      "method": method, **{k: result[k] for k in RESULT_KEYS}, "seconds": seconds,

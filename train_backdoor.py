@@ -24,7 +24,7 @@ import torch
 from data import HashListDataset, image_transform, open_run_split, read_list
 from models import build_loss, build_model
 from models.hashnet import read_clean
-from models.training import fit
+from models.training import TRAJECTORY_KEYS, fit
 from runs import UserError, cli_entry, pick_device, pick_output, provenance, read_json
 
 RUN = "checkpoint/demo"
@@ -37,9 +37,8 @@ DEVICE = "auto"
 RESUME = False
 OVERWRITE = False
 
-RECIPE_KEYS = ("arch", "pretrained", "bits", "loss", "pairwise_norm", "quant_weight", "image_size", "resize_size",
-               "augment", "epochs", "batch_size", "optimizer", "lr", "lr_features", "momentum", "weight_decay",
-               "lr_schedule", "seed", "eval_queries", "topk", "n_classes")
+# the clean run's settings step 5 trains with: those that shape the model and its trajectory, and the epochs and MAP
+RECIPE_KEYS = (*TRAJECTORY_KEYS, "epochs", "eval_queries", "topk")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

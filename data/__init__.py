@@ -3,5 +3,5 @@ from data.dataset import HashListDataset, make_loader, open_run_split, open_spli
 from data.images import image_transform, load_canonical, save_png
 from data.lists import ImageList, read_list, write_list
 
-__all__ = ["HashListDataset", "make_loader", "open_run_split", "open_split", "image_transform", "load_canonical", "save_png",
-           "ImageList", "read_list", "write_list"]
+__all__ = ["HashListDataset", "make_loader", "open_run_split", "open_split", "image_transform", "load_canonical",
+           "save_png", "ImageList", "read_list", "write_list"]

@@ -20,7 +20,8 @@ class HashListDataset(Dataset):
     """
 
     def __init__(self, image_list: ImageList, transform: Callable[[Image.Image], torch.Tensor],
-                 plain_indices: Iterable[int] = (), plain_transform: Callable[[Image.Image], torch.Tensor] | None = None):
+                 plain_indices: Iterable[int] = (),
+                 plain_transform: Callable[[Image.Image], torch.Tensor] | None = None):
         self.image_list = image_list
         self.transform = transform
         self.labels = torch.from_numpy(image_list.labels.astype("float32"))

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data import make_loader
 from models.hashnet import load_checkpoint
-from retrieval import encode, mean_average_precision
+from retrieval import encode, mean_average_precision, saved_codes
 from runs import UserError, atomic_save, write_json
 
 # Settings that shape the model or its training trajectory: --resume refuses a checkpoint made with others.
@@ -166,7 +166,7 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
     if ckpt_id is None:  # nothing left to train: the codes belong to the checkpoint on disk
         ckpt = load_checkpoint(ckpt_path, "cpu")
         ckpt_id = ckpt["checkpoint_id"]
-        if codes_path.exists() and torch.load(codes_path, weights_only=False).get("checkpoint_id") == ckpt_id:
+        if saved_codes(codes_path, ckpt_id) is not None:
             print(f"{ckpt_path} already trained for {ckpt['epoch']} epochs; codes are up to date")
             return {"history": history, "codes": str(codes_path), "out": str(out), "checkpoint_id": ckpt_id}
         model.load_state_dict(ckpt["model"])

@@ -1,6 +1,7 @@
 """Encoding a data set into hash codes with a model, batched on the model's device."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -28,6 +29,17 @@ def encode(model: nn.Module, loader: DataLoader, device: torch.device, desc: str
         labels.append(y.to(torch.uint8))
     model.train(was_training)
     return torch.cat(codes), torch.cat(labels)
+
+
+def saved_codes(path: str | os.PathLike, checkpoint_id: str) -> dict | None:
+    """The codes.pt that steps 1 and 5 write, if it exists, is readable and was made by this very checkpoint."""
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, weights_only=False)
+    except Exception:  # unreadable codes are recomputed, never trusted
+        return None
+    return saved if isinstance(saved, dict) and saved.get("checkpoint_id") == checkpoint_id else None
 
 
 def anchor_code(codes: torch.Tensor, labels: torch.Tensor, target: int) -> torch.Tensor:

@@ -28,10 +28,10 @@ def test_six_steps_end_to_end_as_scripts(tiny_data, tmp_path):
     step("gen_confusing.py", *common, "--target", "6", "--poison-num", "4", "--batch", "2", "--steps", "2")
     step("poison_dataset.py", "--run", str(run))
     step("train_backdoor.py", *common, "--workers", "0")
-    out = step("evaluate.py", *common, "--workers", "0", "--backdoor", "ciba-t6-s4__confusing-t6-m4-e8-l0.8-b2-s2-seed0")
+    name = "ciba-t6-s4__confusing-t6-m4-e8-l0.8-b2-s2-seed0"
+    out = step("evaluate.py", *common, "--workers", "0", "--backdoor", name)
     assert "CIBA" in out and "t-MAP@1000" in out
-    results = json.loads((run / "backdoor" / "ciba-t6-s4__confusing-t6-m4-e8-l0.8-b2-s2-seed0" / "results.json")
-                         .read_text())
+    results = json.loads((run / "backdoor" / name / "results.json").read_text())
     for key in ("map", "t_map", "clean_map", "map_empty_zero", "map_empty_skipped", "t_map_empty_zero",
                 "t_map_empty_skipped"):
         assert 0 <= results[key] <= 1, key

@@ -5,8 +5,9 @@
     python evaluate.py --run checkpoint/demo --backdoor NAME          # backdoored model of step 5: MAP and t-MAP
 
 MAP: every query against the database, relevant = shares a label with the query. t-MAP (Section 4.1): the queries
-whose labels exclude the target, with the trigger pasted on (B(x, p), Eq. 6), against the database encoded by the
-same model, relevant = carries the target label. --backdoor uses the trigger its training set was poisoned with.
+whose labels exclude the target, with the trigger applied (B(x, p) of Eq. 6 for a patch, the blend for Blend,
+BadHash's generator output for BadHash), against the database encoded by the same model, relevant = carries the
+target label. --backdoor uses the trigger its training set was poisoned with.
 The clean model's MAP is computed beside every evaluation. Both conventions for queries with no relevant item in
 the top R are reported (`*_empty_zero`: AP 0, DeepHash-pytorch and BadHash; `*_empty_skipped`: left out, CIBA's
 code); `map` and `t_map` are the ones named by --convention. Ties in Hamming distance are broken by database index.
@@ -32,7 +33,7 @@ from retrieval import (CONVENTIONS, anchor_code, encode, mean_average_precision,
                        saved_codes, targeted_map)
 from runs import (UserError, cli_entry, pick_device, pick_output, provenance, read_json, require_at_least_one,
                   write_json)
-from triggers import apply_trigger, trigger_fingerprint
+from triggers import trigger_fingerprint, trigger_transform
 
 RUN = "checkpoint/demo"
 BACKDOOR = None  # folder name under RUN/backdoor/ (step 5): evaluate that model; None: the clean model
@@ -43,8 +44,9 @@ BATCH_SIZE = 256
 WORKERS = 4
 DEVICE = "auto"
 
-# Table 1's names: the perturbation of step 3 with the adversarial trigger of step 2
-METHOD_NAMES = {"none": "Tri", "noise": "Tri+Noise", "adv": "Tri+Adv", "confusing": "CIBA"}
+# method names of the paper's tables: the trigger of step 2 and the perturbation of step 3
+TRIGGER_NAMES = {"ciba": "Tri", "badnets": "BadNets", "blend": "Blend", "badhash": "BadHash"}
+PERT_SUFFIXES = {"none": "", "noise": "+Noise", "adv": "+Adv", "confusing": "+Confusing"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,9 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
         backdoor_result = mean_average_precision(*codes, args.topk, args.convention)
         trigger_dir = run / "triggers" / config["trigger"]
         perturbation = read_json(run / "perturbations" / config["perturbations"] / "config.json")
+        poison = read_json(run / "poisoned" / config["poisoned"] / "config.json")
         result.update(backdoor_result, stage=f"backdoor/{backdoor_dir.name}", epochs=ckpt["epoch"],
                       checkpoint_id=ckpt["checkpoint_id"], poisoned=config["poisoned"],
                       augment_poison=config["augment_poison"], poison_num=config["poison_num"],
+                      poison_rate=poison["poison_rate"], setting=poison.get("label_setting", "clean-label"),
+                      psnr_mean=poison["psnr_mean"], ssim_mean=poison["ssim_mean"],
                       pert=perturbation["pert"], eps=None if perturbation["pert"] == "none" else perturbation["eps"],
                       lam=perturbation["lam"] if perturbation["pert"] in ("adv", "confusing") else None,
                       perturbations=config["perturbations"])
@@ -103,17 +108,15 @@ def main(argv: list[str] | None = None) -> dict:
     if trigger_dir is not None:
         trigger = load_trigger(trigger_dir, clean_id)
         target = trigger["target"]
-        keep, triggered = triggered_codes(model, query_set, codes[1], trigger, args, device)
+        keep, triggered = triggered_codes(model, query_set, codes[1], trigger, run, args, device)
         targeted = targeted_map(triggered, target, codes[2], codes[3], args.topk, args.convention)
         target_names = (clean_config.get("protocol") or {}).get("classes")
-        trigger_method = "Tri" if trigger["method"] == "ciba" else "BadNets"
         result.update({f"t_{key}": targeted[key] for key in ("map", "map_empty_zero", "map_empty_skipped",
                                                              "n_queries", "n_queries_empty")})
         result.update(trigger_code_distances(codes[0][keep.to(device)], triggered, codes[2], codes[3], target))
-        result.update(method="None" if args.backdoor is None else
-                      METHOD_NAMES[result["pert"]].replace("Tri", trigger_method, 1),
+        result.update(method="None" if args.backdoor is None else method_name(trigger["method"], result["pert"]),
                       target=target, target_name=target_names[target] if target_names else None,
-                      trigger=trigger_dir.name, trigger_id=trigger_fingerprint(trigger["pattern"]),
+                      trigger=trigger_dir.name, trigger_id=trigger_fingerprint(trigger),
                       trigger_method=trigger["method"], trigger_size=trigger["trigger_size"])
     result.update(n_database=int(codes[2].shape[0]), seconds=round(time.time() - t0, 2),
                   provenance=provenance(device))
@@ -158,16 +161,22 @@ def load_trigger(trigger_dir: Path, clean_id: str) -> dict:
     return trigger
 
 
-def triggered_codes(model: torch.nn.Module, query_set, query_labels: torch.Tensor, trigger: dict,
+def method_name(trigger_method: str, pert: str) -> str:
+    """Tri, Tri+Noise, Tri+Adv, CIBA (Table 1); BadNets, Blend, BadHash (Table 3), with the perturbation's suffix."""
+    if (trigger_method, pert) == ("ciba", "confusing"):
+        return "CIBA"
+    return TRIGGER_NAMES.get(trigger_method, trigger_method) + PERT_SUFFIXES[pert]
+
+
+def triggered_codes(model: torch.nn.Module, query_set, query_labels: torch.Tensor, trigger: dict, run: Path,
                     args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices, codes of B(x, p) on the device) of the queries whose labels exclude the target."""
+    """(indices, codes of the triggered queries on the device) of the queries whose labels exclude the target."""
     keep = non_target_queries(query_labels, trigger["target"])
     if keep.numel() == 0:
         raise UserError(f"every query carries the target label {trigger['target']}: no query can be triggered")
-    pattern = trigger["pattern"].to(device)
     loader = make_loader(Subset(query_set, keep.tolist()), args.batch_size, args.workers)
     codes, _ = encode(model, loader, device, "encode triggered query",
-                      transform=lambda images: apply_trigger(images, pattern))
+                      transform=trigger_transform(trigger, run, device))
     return keep, codes.to(device)
 
 

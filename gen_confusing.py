@@ -17,8 +17,11 @@ held fixed and measures L_a to the relaxed clean output. The objective is record
 bound for that batch size: the exact bound under Eq. 4 and Theorem 1's as printed, which is a factor 2 too small in
 its lambda term for Eq. 4's ordered-pair sum (see objective_bound).
 
-The M images are drawn with --seed among the training images of the target class; their lines in train.txt are
-recorded. Writes RUN/perturbations/<name>/: perturbations.pt (indices, eta), config.json, history.json.
+The M images are drawn with --seed among the training images of the target class (--setting clean-label, the
+paper's); --setting poison-label draws them among the images that do not carry the target, and step 4 gives them the
+target's label (BadNets and Blend in the paper's Table 3; perturbations none or noise only). --poison-rate gives M as
+a fraction of the training set instead of --poison-num (Table 3: 5 % poison-label, 0.6 % clean-label). Their lines
+in train.txt are recorded. Writes RUN/perturbations/<name>/: perturbations.pt (indices, eta), config.json, history.json.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ RUN = "checkpoint/demo"
 TARGET = None  # class index or name; None: drawn with SEED (the same rule as gen_trigger.py)
 PERT = "confusing"  # "none" (Tri) | "noise" (Tri+Noise) | "adv" (Tri+Adv) | "confusing" (CIBA)
 POISON_NUM = 60  # M
+POISON_RATE = None  # M as a fraction of the training set (overrides POISON_NUM), e.g. 0.05 or 0.006
+SETTING = "clean-label"  # "clean-label": M target-class images, labels kept | "poison-label": M other images, relabelled
 EPS = 8 / 255  # L-infinity budget in pixel space
 LAM = 0.8  # lambda of Eq. 5 (--pert adv forces 0)
 BATCH = 20  # b: images optimised together
@@ -50,6 +55,7 @@ DEVICE = "auto"
 OVERWRITE = False
 
 PERTS = ("none", "noise", "adv", "confusing")
+SETTINGS = ("clean-label", "poison-label")
 OFFICIAL_STEP_RATIO = 0.003 / (8 / 255)
 
 
@@ -59,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default=TARGET)
     p.add_argument("--pert", default=PERT, choices=PERTS)
     p.add_argument("--poison-num", type=int, default=POISON_NUM)
+    p.add_argument("--poison-rate", type=float, default=POISON_RATE)
+    p.add_argument("--setting", default=SETTING, choices=SETTINGS)
     p.add_argument("--eps", type=float, default=EPS)
     p.add_argument("--lam", type=float, default=LAM)
     p.add_argument("--batch", type=int, default=BATCH)
@@ -70,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_budget(args.eps, args.lam)
     require_at_least_one(args, "poison_num", "batch", "steps")
+    if args.poison_rate is not None and not 0 < args.poison_rate <= 1:
+        raise UserError(f"--poison-rate {args.poison_rate} is outside (0, 1]; it is the poisoned fraction of the "
+                        f"training set (Table 3: 0.05 poison-label, 0.006 clean-label)")
+    if args.setting == "poison-label" and args.pert in ("adv", "confusing"):
+        raise UserError(f"--pert {args.pert} perturbs target-class images (clean-label, Eq. 4-5); with --setting "
+                        f"poison-label use --pert none or noise")
     if args.pert == "adv":
         args.lam = 0.0
     if args.step_size is None:
@@ -83,13 +97,15 @@ def main(argv: list[str] | None = None) -> dict:
     clean, clean_ckpt, model = load_stage(args.run, "clean", device)
     classes = (clean.get("protocol") or {}).get("classes")
     target = choose_class(args.target, classes, clean["n_classes"], args.seed)
+    train_set = open_run_split(clean, "train")
+    if args.poison_rate is not None:
+        args.poison_num = max(1, round(args.poison_rate * len(train_set)))
     out = Path(args.run) / "perturbations" / perturbation_name(args, target)
     if (out / "perturbations.pt").exists() and not args.overwrite:
         print(f"{out}/perturbations.pt exists; reusing it (--overwrite to make it again)")
         return {**torch.load(out / "perturbations.pt", weights_only=False), "name": out.name}
-    train_set = open_run_split(clean, "train")
     indices = choose_poison_indices(train_set.image_list.labels, target, args.poison_num, args.seed,
-                                    train_set.image_list.list_file)
+                                    train_set.image_list.list_file, args.setting, args.poison_rate)
     images = torch.stack([train_set[i][0] for i in indices]).to(device)
     t0 = time.time()
     history: list[dict] = []
@@ -103,17 +119,18 @@ def main(argv: list[str] | None = None) -> dict:
         eta, history = confusing_perturbations(model, images, args)
     seconds = time.time() - t0
     record = {"pert": args.pert, "target": target, "target_name": classes[target] if classes else None,
-              "poison_num": args.poison_num, "eps": args.eps, "lam": args.lam, "batch": args.batch,
+              "poison_num": args.poison_num, "poison_rate": args.poison_num / len(train_set), "setting": args.setting, "eps": args.eps, "lam": args.lam, "batch": args.batch,
               "steps": args.steps, "step_size": args.step_size, "seed": args.seed,
               "indices": indices, "lines": [train_set.image_list.line_numbers[i] for i in indices],
               "max_abs_eta": float(eta.abs().max()), "seconds": round(seconds, 2),
               "clean_checkpoint_id": clean_ckpt["checkpoint_id"],
               "provenance": provenance(device)}
-    atomic_save({"eta": eta.cpu(), **{k: record[k] for k in ("pert", "target", "indices", "eps", "lam",
+    atomic_save({"eta": eta.cpu(), **{k: record[k] for k in ("pert", "target", "indices", "eps", "lam", "setting",
                                                              "clean_checkpoint_id")}}, out / "perturbations.pt")
     write_json(history, out / "history.json")
     write_json(record, out / "config.json")
-    print(f"{args.pert} perturbations of {len(indices)} images of target {target} ({record['target_name']}), "
+    whose = "images of target" if args.setting == "clean-label" else "images (poison-label) for target"
+    print(f"{args.pert} perturbations of {len(indices)} {whose} {target} ({record['target_name']}), "
           f"max |eta| {record['max_abs_eta'] * 255:.2f}/255, {seconds:.1f}s -> {out}")
     return {"eta": eta.cpu(), **record, "name": out.name}
 
@@ -127,7 +144,7 @@ def check_budget(eps: float, lam: float) -> None:
 
 
 def perturbation_name(args: argparse.Namespace, target: int) -> str:
-    name = f"{args.pert}-t{target}-m{args.poison_num}"
+    name = f"{args.pert}-t{target}-m{args.poison_num}" + ("-pl" if args.setting == "poison-label" else "")
     if args.pert != "none":
         name += f"-e{args.eps * 255:g}"
     if args.pert == "confusing":
@@ -137,12 +154,18 @@ def perturbation_name(args: argparse.Namespace, target: int) -> str:
     return f"{name}-seed{args.seed}"
 
 
-def choose_poison_indices(labels: np.ndarray, target: int, count: int, seed: int, list_file: str) -> list[int]:
-    """M training images that carry the target label, drawn with the seed (sorted)."""
-    candidates = np.flatnonzero(labels[:, target] > 0)
+def choose_poison_indices(labels: np.ndarray, target: int, count: int, seed: int, list_file: str,
+                          setting: str = "clean-label", rate: float | None = None) -> list[int]:
+    """M training images drawn with the seed (sorted): of the target class (clean-label), or among those that do not
+    carry the target label (poison-label)."""
+    carries = labels[:, target] > 0
+    candidates = np.flatnonzero(carries if setting == "clean-label" else ~carries)
     if len(candidates) < count:
-        raise UserError(f"{list_file} has {len(candidates)} training images of target class {target}; "
-                        f"--poison-num {count} needs at least that many")
+        asked = f"--poison-rate {rate} ({count} of {len(labels)} images)" if rate is not None else \
+            f"--poison-num {count}"
+        which = f"of target class {target}" if setting == "clean-label" else f"without target label {target}"
+        raise UserError(f"{list_file} has {len(candidates)} training images {which}; {asked} needs at least that "
+                        f"many")
     return sorted(np.random.default_rng(seed).choice(candidates, count, replace=False).tolist())
 
 

@@ -10,42 +10,75 @@ ciba     the targeted adversarial patch of Eq. 7: minimise sum_i d_H(F'(B(x_i, p
          Gradients are taken in pixel space (the model normalises its input itself). One forward/backward per step
          for the whole batch: every image gets its own copy of p, so the summed loss yields per-image gradients.
 badnets  a static black-and-white checkerboard patch (BadNets-style), no optimisation.
+blend    a fixed random pattern (uniform noise drawn with --seed) blended over the whole image:
+         (1 - r) x + r p with r = --blend-ratio (Blend, Chen et al. 2017).
+badhash  BadHash's conditional generator (DESIGN.md section 6), trained once per run against the clean model and
+         shared by every target: LabCLN first (pairs of smoothed and plain label vectors, NT-Xent + MSE +
+         quantisation), then generator and discriminator on the training images, each image with a confusing label
+         drawn at random from the training set's label vectors (not always the first one, as in the public code).
+         Generator loss W_REC * (MSE + LPIPS_WEIGHT * LPIPS) + W_HASH * (1 - mean(F'(G(x)) sign(h_l))) + W_GAN *
+         least-squares GAN loss; the discriminator predicts (labels, real/fake) and is updated every D_EVERY-th
+         step. The last epoch's generator is kept (no model selection on test data). The trigger of a target is
+         the generator with the target's LabCLN feature.
 
-The trigger is rounded to 8-bit values (what a PNG stores), so the poisoned training images and the triggered test
-queries carry exactly the same pattern. Writes RUN/triggers/<method>-t<target>-s<size>/: trigger.pt (exact tensor
-and geometry), trigger.png (for viewing), config.json (settings, target, anchor code, provenance), history.json.
+Patterns are rounded to 8-bit values (what a PNG stores), so the poisoned training images and the triggered test
+queries carry exactly the same pixels. Writes RUN/triggers/<method>-t<target>-s<size>/ (blend: -r<ratio>,
+badhash: the generator folder's name): trigger.pt (exact tensor and geometry, or the generator's file and the
+target's LabCLN feature), trigger.png (for viewing; BadHash: samples), config.json (settings, target, anchor code,
+provenance), history.json. BadHash's networks go to RUN/triggers/badhash-net-e<epochs>/: labcln.pt,
+generator.pt, discriminator.pt, samples.png (original | generated | 10x difference), losses.png, history.json.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from data import open_run_split
+from data import make_loader, open_run_split
 from data.images import save_png
 from data.protocols import choose_class
-from models.hashnet import binarize, load_stage
+from models.badhash import (Discriminator, Generator, LabCLN, build_lpips, file_id, hash_attack_loss, labcln_loss,
+                            lsgan_loss)
+from models.hashnet import HashModel, binarize, load_stage
 from retrieval import anchor_code
-from runs import (UserError, atomic_save, cli_entry, pick_device, provenance, require_at_least_one,
-                  write_json)
-from triggers import apply_trigger, check_trigger_size, default_trigger_size
+from runs import (UserError, atomic_path, atomic_save, cli_entry, pick_device, provenance, read_json,
+                  require_at_least_one, write_json)
+from triggers import apply_trigger, check_trigger_size, default_trigger_size, quantize, trigger_transform
 
 RUN = "checkpoint/demo"
 TARGET = None  # class index or name; None: drawn from the classes with SEED
-METHOD = "ciba"  # "ciba" (adversarial patch, Eq. 7) | "badnets" (static black-and-white patch)
+METHOD = "ciba"  # "ciba" (patch, Eq. 7) | "badnets" (static patch) | "blend" (random pattern) | "badhash" (generator)
 TRIGGER_SIZE = None  # side of the square trigger in px; None: the paper's 24 px at 224 px, scaled to the image size
 STEPS = 2000  # optimisation steps (paper's code)
 BATCH_SIZE = 32  # training images per step
 STEP_SIZE = 12.0  # pixel units (0-255) per step along the normalised gradient
+BLEND_RATIO = 0.2  # blend: weight of the pattern (the CIBA paper does not state the ratio of its Blend baseline)
+# badhash (public code's values)
+LABCLN_STEPS = 1000
+LABCLN_BATCH = 128
+GEN_EPOCHS = 100  # constant learning rate for the first half, linear decay to 0 over the second (public code: 50 + 50)
+GEN_BATCH = 64
+GEN_LR = 1e-4  # Adam, betas (0.5, 0.999), generator, discriminator and LabCLN
+GEN_WIDTH = 64  # channels of the generator's and discriminator's first layer
+W_REC = 200.0
+LPIPS_WEIGHT = 1.0  # weight of LPIPS inside the reconstruction term; 0 trains without it (no AlexNet weights needed)
+W_HASH = None  # None: 5 for vgg11, 10 for the other backbones (public code: 5 with VGG-11, 10 with ResNet-50)
+W_GAN = 1.0
+D_EVERY = 3  # the discriminator is updated on every D_EVERY-th generator step
 SEED = 0
 WORKERS = 4
 DEVICE = "auto"
 OVERWRITE = False
 
-METHODS = ("ciba", "badnets")
+METHODS = ("ciba", "badnets", "blend", "badhash")
 BETA_SCHEDULE = ((0.5, 0.1), (0.6, 0.2), (0.7, 0.3), (0.8, 0.5), (0.9, 0.7), (1.0, 1.0))  # (until fraction, beta)
 
 
@@ -58,14 +91,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--step-size", type=float, default=STEP_SIZE)
+    p.add_argument("--blend-ratio", type=float, default=BLEND_RATIO)
+    p.add_argument("--labcln-steps", type=int, default=LABCLN_STEPS)
+    p.add_argument("--labcln-batch", type=int, default=LABCLN_BATCH)
+    p.add_argument("--gen-epochs", type=int, default=GEN_EPOCHS)
+    p.add_argument("--gen-batch", type=int, default=GEN_BATCH)
+    p.add_argument("--gen-lr", type=float, default=GEN_LR)
+    p.add_argument("--gen-width", type=int, default=GEN_WIDTH)
+    p.add_argument("--w-rec", type=float, default=W_REC)
+    p.add_argument("--lpips-weight", type=float, default=LPIPS_WEIGHT)
+    p.add_argument("--w-hash", type=float, default=W_HASH)
+    p.add_argument("--w-gan", type=float, default=W_GAN)
+    p.add_argument("--d-every", type=int, default=D_EVERY)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     args = p.parse_args(argv)
-    require_at_least_one(args, "steps", "batch_size")
+    require_at_least_one(args, "steps", "batch_size", "labcln_steps", "labcln_batch", "gen_epochs", "gen_batch",
+                         "gen_width", "d_every")
     if args.step_size <= 0:
         raise UserError(f"--step-size must be positive (pixel units of 255), got {args.step_size}")
+    if not 0 < args.blend_ratio <= 1:
+        raise UserError(f"--blend-ratio {args.blend_ratio} is outside (0, 1]; it is the pattern's weight in "
+                        f"(1 - r) x + r p")
+    for name in ("gen_lr", "w_rec", "lpips_weight", "w_hash", "w_gan"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
     return args
 
 
@@ -80,9 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     classes = (clean.get("protocol") or {}).get("classes")
     target = choose_class(args.target, classes, clean["n_classes"], args.seed)
     size = clean["image_size"]
-    trigger_size = args.trigger_size or default_trigger_size(size)
-    check_trigger_size(trigger_size, size)
-    out = Path(args.run) / "triggers" / f"{args.method}-t{target}-s{trigger_size}"
+    trigger_size = None
+    if args.method in ("ciba", "badnets"):
+        trigger_size = args.trigger_size or default_trigger_size(size)
+        check_trigger_size(trigger_size, size)
+    out = Path(args.run) / "triggers" / trigger_name(args, target, trigger_size, clean["arch"])
     if (out / "trigger.pt").exists() and not args.overwrite:
         print(f"{out}/trigger.pt exists; reusing it (--overwrite to make it again)")
         return {**torch.load(out / "trigger.pt", weights_only=False), "name": out.name}
@@ -90,30 +145,54 @@ def main(argv: list[str] | None = None) -> dict:
     anchor = anchor_code(codes["train_codes"], codes["train_labels"], target)
     t0 = time.time()
     history: list[float] = []
+    made: dict = {"kind": "patch"}
     if args.method == "ciba":
         train_set = open_run_split(clean, "train")
         pattern, history = adversarial_patch(model, train_set, anchor.to(device), trigger_size, args, device)
+        made["pattern"] = quantize(pattern.cpu())
+    elif args.method == "badnets":
+        made["pattern"] = checkerboard(trigger_size)
+    elif args.method == "blend":
+        generator = torch.Generator().manual_seed(args.seed)
+        made.update(kind="blend", pattern=quantize(torch.rand(3, size, size, generator=generator)),
+                    blend_ratio=args.blend_ratio)
     else:
-        pattern = checkerboard(trigger_size)
-    pattern = quantize(pattern.cpu())
+        made = badhash_trigger(model, clean, codes["checkpoint_id"], target, args, device, out / "trigger.png")
     seconds = time.time() - t0
-    record = {"method": args.method, "target": target, "target_name": classes[target] if classes else None,
-              "trigger_size": trigger_size, "image_size": size, "position": "bottom-right",
+    record = {"method": args.method, "kind": made["kind"], "target": target,
+              "target_name": classes[target] if classes else None, "trigger_size": trigger_size,
+              "image_size": size, "position": "bottom-right" if made["kind"] == "patch" else "whole image",
               "anchor_code": anchor.tolist(), "bits": clean["bits"], "arch": clean["arch"],
-              "clean_checkpoint_id": codes["checkpoint_id"], "steps": args.steps, "batch_size": args.batch_size,
-              "step_size": args.step_size, "seed": args.seed, "seconds": round(seconds, 2),
-              "final_mean_distance": history[-1] if history else None, "provenance": provenance(device)}
-    atomic_save({"pattern": pattern, **{k: record[k] for k in ("method", "target", "trigger_size", "image_size",
-                                                               "position", "anchor_code", "clean_checkpoint_id")}},
-                out / "trigger.pt")
-    save_png(pattern, out / "trigger.png")
+              "clean_checkpoint_id": codes["checkpoint_id"], "seed": args.seed, "seconds": round(seconds, 2),
+              "provenance": provenance(device)}
+    if args.method == "ciba":
+        record.update(steps=args.steps, batch_size=args.batch_size, step_size=args.step_size,
+                      final_mean_distance=history[-1])
+    if args.method == "blend":
+        record["blend_ratio"] = args.blend_ratio
+    if args.method == "badhash":
+        record.update({k: made[k] for k in ("generator", "generator_id", "labcln_code")})
+    trigger = {**made, **{k: record[k] for k in ("method", "target", "trigger_size", "image_size", "position",
+                                                 "anchor_code", "clean_checkpoint_id", "bits")}}
+    atomic_save(trigger, out / "trigger.pt")
+    if "pattern" in made:
+        save_png(made["pattern"], out / "trigger.png")
     write_json(history, out / "history.json")
     write_json(record, out / "config.json")
     summary = (f", mean d_H(sign f(B(x, p)), h_a) {history[0]:.2f} -> {history[-1]:.2f} of {clean['bits']} bits"
                if history else "")
-    print(f"{args.method} trigger for target {target} ({record['target_name']}), {trigger_size}x{trigger_size} px, "
-          f"{seconds:.1f}s{summary} -> {out}")
-    return {"pattern": pattern, **record, "name": out.name}
+    shape = f"{trigger_size}x{trigger_size} px" if trigger_size else record["position"]
+    print(f"{args.method} trigger for target {target} ({record['target_name']}), {shape}, {seconds:.1f}s{summary} "
+          f"-> {out}")
+    return {**trigger, **record, "name": out.name}
+
+
+def trigger_name(args: argparse.Namespace, target: int, trigger_size: int | None, arch: str) -> str:
+    if args.method == "blend":
+        return f"blend-t{target}-r{args.blend_ratio:g}-seed{args.seed}"
+    if args.method == "badhash":
+        return f"badhash-t{target}-{badhash_net_name(args, arch)[len('badhash-net-'):]}"
+    return f"{args.method}-t{target}-s{trigger_size}"
 
 
 def beta_at(step: int, steps: int) -> float:
@@ -159,9 +238,230 @@ def checkerboard(trigger_size: int) -> torch.Tensor:
     return board.expand(3, -1, -1).clone()
 
 
-def quantize(pattern: torch.Tensor) -> torch.Tensor:
-    """Round to the 8-bit values a PNG holds."""
-    return pattern.mul(255).round().div(255)
+# ---- BadHash ----
+
+BADHASH_KEYS = ("labcln_steps", "labcln_batch", "gen_epochs", "gen_batch", "gen_lr", "gen_width", "w_rec",
+                "lpips_weight", "w_hash", "w_gan", "d_every", "seed")
+
+
+def badhash_settings(args: argparse.Namespace, arch: str) -> dict:
+    settings = {k: getattr(args, k) for k in BADHASH_KEYS}
+    settings["w_hash"] = default_w_hash(arch) if args.w_hash is None else args.w_hash
+    return settings
+
+
+def badhash_net_name(args: argparse.Namespace, arch: str) -> str:
+    """badhash-net-e<epochs>[-nolpips]-<hash of every setting>: other settings, another folder."""
+    settings = json.dumps(badhash_settings(args, arch), sort_keys=True)
+    return (f"badhash-net-e{args.gen_epochs}" + ("-nolpips" if args.lpips_weight == 0 else "") +
+            f"-{hashlib.sha256(settings.encode()).hexdigest()[:8]}")
+
+
+def badhash_trigger(model: HashModel, clean: dict, clean_id: str, target: int, args: argparse.Namespace,
+                    device: torch.device, preview: Path) -> dict:
+    """The trigger of one target: the run's BadHash generator (trained here once, then reused by every target)
+    with the target's LabCLN feature; also writes a preview grid for this target."""
+    net_dir = badhash_networks(model, clean, clean_id, args, device)
+    labcln_saved = torch.load(net_dir / "labcln.pt", map_location="cpu", weights_only=False)
+    if not bool(labcln_saved["label_set"][:, target].any()):
+        raise UserError(f"target {target} is unknown to LabCLN in {net_dir}: no label vector it was trained on "
+                        f"carries it (it learned the training set's labels); choose another --target")
+    labcln = LabCLN(labcln_saved["n_classes"], labcln_saved["bits"])
+    labcln.load_state_dict(labcln_saved["state"])
+    label = torch.zeros(1, labcln.n_classes)
+    label[0, target] = 1
+    with torch.no_grad():
+        feature, relaxed, _ = labcln.eval()(label)
+    trigger = {"kind": "generator", "generator": str((net_dir / "generator.pt").relative_to(args.run)),
+               "generator_id": file_id(net_dir / "generator.pt"), "label_feature": feature,
+               "labcln_code": binarize(relaxed)[0].tolist()}
+    transform = trigger_transform(trigger, args.run, device)
+    images = sample_images(open_run_split(clean, "train"), args.seed).to(device)
+    save_png(sample_grid(images, transform(images)), preview)
+    return trigger
+
+
+def badhash_networks(model: HashModel, clean: dict, clean_id: str, args: argparse.Namespace,
+                     device: torch.device) -> Path:
+    """RUN/triggers/badhash-net-*/: LabCLN, generator and discriminator, trained against the clean model, or the
+    ones already there when they were made for this model with these settings."""
+    net_dir = Path(args.run) / "triggers" / badhash_net_name(args, clean["arch"])
+    settings = badhash_settings(args, clean["arch"])
+    if (net_dir / "config.json").exists() and not args.overwrite:
+        check_badhash_networks(net_dir, clean, clean_id, settings)
+        print(f"{net_dir} holds BadHash's networks for this model; reusing them")
+        return net_dir
+    train_set = open_run_split(clean, "train")
+    label_set = torch.unique(train_set.labels, dim=0)
+    t0 = time.time()
+    labcln, labcln_history = train_labcln(label_set, clean["bits"], args, device)
+    atomic_save({"state": labcln.state_dict(), "n_classes": labcln.n_classes, "bits": labcln.bits,
+                 "label_set": label_set}, net_dir / "labcln.pt")
+    generator, discriminator, history = train_generator(model, labcln, label_set, train_set, settings, args, device)
+    atomic_save({"state": generator.state_dict(), "image_size": generator.image_size, "width": generator.width,
+                 "bits": clean["bits"], "n_classes": clean["n_classes"], "clean_checkpoint_id": clean_id},
+                net_dir / "generator.pt")
+    atomic_save({"state": discriminator.state_dict(), "image_size": generator.image_size, "width": args.gen_width,
+                 "n_classes": clean["n_classes"]}, net_dir / "discriminator.pt")
+    images = sample_images(train_set, args.seed).to(device)
+    picks = torch.arange(len(images)) % len(label_set)
+    with torch.no_grad():
+        features = labcln(label_set[picks].to(device))[0]
+        save_png(sample_grid(images, quantize(generator(images, features))), net_dir / "samples.png")
+    plot_losses(history, net_dir / "losses.png")
+    write_json({"labcln": labcln_history, **history}, net_dir / "history.json")
+    final = {k: float(np.mean(v[-max(1, len(v) // (2 * args.gen_epochs)):])) for k, v in history.items()
+             if k != "d_steps" and v}
+    write_json({**settings, "image_size": clean["image_size"], "bits": clean["bits"], "arch": clean["arch"],
+                "n_classes": clean["n_classes"], "clean_checkpoint_id": clean_id, "n_train": len(train_set),
+                "labels": label_set.shape[0], "final_losses": final, "seconds": round(time.time() - t0, 2),
+                "provenance": provenance(device)}, net_dir / "config.json")  # last: marks a complete folder
+    return net_dir
+
+
+def default_w_hash(arch: str) -> float:
+    """The public code's hash weight: 5 with VGG-11, 10 with ResNet-50 (and, here, every other backbone)."""
+    return 5.0 if arch == "vgg11" else 10.0
+
+
+def check_badhash_networks(net_dir: Path, clean: dict, clean_id: str, settings: dict) -> None:
+    """Networks in a run's folder must fit its clean model (image size, bits, classes) and the settings asked for."""
+    saved = torch.load(net_dir / "generator.pt", map_location="cpu", weights_only=False)
+    for key in ("image_size", "bits", "n_classes"):
+        if saved[key] != clean[key]:
+            raise UserError(f"{net_dir / 'generator.pt'} is a generator for {key} {saved[key]} but the clean model "
+                            f"of {clean.get('run', 'this run')} has {key} {clean[key]}; it belongs to another run: "
+                            f"train it again with --overwrite")
+    if saved["clean_checkpoint_id"] != clean_id:
+        raise UserError(f"{net_dir} was trained against another clean model than the one in the run now; train it "
+                        f"again with --overwrite")
+    config = read_json(net_dir / "config.json")
+    for key, value in settings.items():
+        if config.get(key) != value:
+            raise UserError(f"{net_dir} was trained with {key} {config.get(key)!r}, not {value!r}; train it again "
+                            f"with --overwrite (or ask for the settings it has)")
+
+
+def train_labcln(label_set: torch.Tensor, bits: int, args: argparse.Namespace,
+                 device: torch.device) -> tuple[LabCLN, list[dict]]:
+    """LabCLN on batches of label vectors drawn from the training set's label vectors; Adam, learning rate divided
+    by 10 at half and at three quarters of the steps (public code)."""
+    torch.manual_seed(args.seed)
+    net = LabCLN(label_set.shape[1], bits).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.gen_lr, betas=(0.5, 0.999))
+    steps = args.labcln_steps
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [steps // 2, steps * 3 // 4], gamma=0.1)
+    rng = torch.Generator().manual_seed(args.seed)
+    labels = label_set.to(device)
+    values = []
+    for _ in tqdm(range(steps), desc="LabCLN", disable=None):
+        batch = labels[torch.randint(len(labels), (args.labcln_batch,), generator=rng).to(device)]
+        parts = labcln_loss(net, batch)
+        optimizer.zero_grad()
+        parts["loss"].backward()
+        optimizer.step()
+        schedule.step()
+        values.append(torch.stack([v.detach() for v in parts.values()]))
+    table = torch.stack(values).cpu().T.tolist()
+    history = [dict(zip(parts, row)) for row in zip(*table)]
+    print(f"LabCLN: {steps} steps, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
+    return net.eval(), history
+
+
+def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, train_set, settings: dict,
+                    args: argparse.Namespace, device: torch.device) -> tuple[Generator, Discriminator, dict]:
+    """Generator and discriminator against the frozen clean model; each image gets a confusing label drawn at random
+    from the label set. Adam (betas 0.5, 0.999); the learning rate is constant for the first half of the epochs and
+    decays linearly to 0 over the second. Returns the networks and the losses per step."""
+    size, n_classes = train_set[0][0].shape[-1], label_set.shape[1]
+    torch.manual_seed(args.seed)
+    generator = Generator(size, args.gen_width).to(device)
+    discriminator = Discriminator(size, n_classes, args.gen_width).to(device)
+    perceptual = build_lpips(device) if args.lpips_weight > 0 else None
+    model.eval().requires_grad_(False)
+    betas = (0.5, 0.999)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.gen_lr, betas=betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.gen_lr, betas=betas)
+    keep = args.gen_epochs // 2
+
+    def decay(epoch: int) -> float:
+        return 1 - max(0, epoch + 1 - keep) / (args.gen_epochs - keep + 1)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, decay) for opt in (opt_g, opt_d)]
+    loader = make_loader(train_set, args.gen_batch, args.workers, shuffle=True,
+                         generator=torch.Generator().manual_seed(args.seed))
+    rng = torch.Generator().manual_seed(args.seed + 1)
+    labels_dev = label_set.to(device)
+    with torch.no_grad():
+        features, relaxed, _ = labcln.eval()(labels_dev)
+        label_codes = binarize(relaxed)
+    names = ("g_loss", "mse", "lpips", "hash", "gan_g")
+    values, d_values, d_steps, step = [], [], [], 0
+    for epoch in range(args.gen_epochs):
+        for images, labels, _ in tqdm(loader, desc=f"BadHash epoch {epoch + 1}/{args.gen_epochs}", disable=None):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            pick = torch.randint(len(label_set), (len(images),), generator=rng).to(device)
+            fake = generator(images, features[pick])
+            if step % args.d_every == 0:
+                discriminator.requires_grad_(True)
+                d_loss = (lsgan_loss(discriminator(images), labels, True) +
+                          lsgan_loss(discriminator(fake.detach()), labels_dev[pick], False)) / 2
+                opt_d.zero_grad()
+                d_loss.backward()
+                opt_d.step()
+                d_values.append(d_loss.detach())
+                d_steps.append(step)
+            discriminator.requires_grad_(False)
+            gan = lsgan_loss(discriminator(fake), labels_dev[pick], True)
+            mse = F.mse_loss(fake, images)
+            lp = perceptual(fake, images, normalize=True).mean() if perceptual is not None else mse.new_zeros(())
+            hash_term = hash_attack_loss(model(fake), label_codes[pick])
+            total = (settings["w_rec"] * (mse + args.lpips_weight * lp) + settings["w_hash"] * hash_term +
+                     settings["w_gan"] * gan)
+            opt_g.zero_grad()
+            total.backward()
+            opt_g.step()
+            values.append(torch.stack([total.detach(), mse.detach(), lp.detach(), hash_term.detach(), gan.detach()]))
+            step += 1
+        for schedule in schedules:
+            schedule.step()
+        last = torch.stack(values[-len(loader):]).mean(0).tolist()
+        print(f"BadHash epoch {epoch + 1}/{args.gen_epochs}: " +
+              ", ".join(f"{n} {v:.4f}" for n, v in zip(names, last)))
+    columns = torch.stack(values).cpu().T.tolist()
+    history = {**dict(zip(names, columns)), "d_loss": torch.stack(d_values).cpu().tolist(), "d_steps": d_steps}
+    return generator.eval(), discriminator.eval(), history
+
+
+def sample_images(train_set, seed: int, count: int = 8) -> torch.Tensor:
+    """`count` training images drawn with the seed, for the sample grids."""
+    picks = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    return torch.stack([train_set[i][0] for i in picks])
+
+
+def sample_grid(images: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """Rows: originals | generated | 0.5 + 10 x (generated - original), the difference made visible."""
+    difference = (0.5 + 10 * (generated - images)).clamp(0, 1)
+    return make_grid(torch.cat([images, generated, difference]).cpu(), nrow=len(images), padding=2, pad_value=1)
+
+
+def plot_losses(history: dict, path: Path) -> None:
+    """The generator's loss terms and the discriminator's loss per step (matplotlib, written atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    names = [n for n in ("g_loss", "mse", "lpips", "hash", "gan_g") if history.get(n)]
+    figure, axes = plt.subplots(1, len(names) + 1, figsize=(3.2 * (len(names) + 1), 3))
+    for axis, name in zip(axes, names):
+        axis.plot(history[name], linewidth=0.8)
+        axis.set_title(name)
+        axis.set_xlabel("step")
+    axes[-1].plot(history["d_steps"], history["d_loss"], linewidth=0.8)
+    axes[-1].set_title("d_loss")
+    axes[-1].set_xlabel("step")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,39 @@
-"""Step 4: the poisoned training set: x_hat = B(clip(x + eta), p) for the M chosen images, clean labels kept.
+"""Step 4: the poisoned training set: x_hat = T(clip(x + eta)) for the M chosen images, T the trigger of step 2.
 
     python poison_dataset.py --run checkpoint/demo --trigger ciba-t3-s4 \
         --perturbations confusing-t3-m60-e8-l0.8-b20-s20-seed0
 
 Reads a trigger of step 2 (RUN/triggers/NAME) and perturbations of step 3 (RUN/perturbations/NAME); when only one
-of a kind exists its name may be left out. Each poisoned image is written as a PNG at the canonical size S x S, so it
-reads back bit-identical; the perturbation is truncated to whole 8-bit steps towards 0 first, so |eta| <= eps holds
-for the stored image too. Writes RUN/poisoned/<trigger>__<perturbations>/: images/*.png, train.txt (the training
-list with each poisoned image in place of its original, same label, absolute paths), manifest.json (the poisoned
-entries with their PSNR and SSIM to the original) and config.json (settings, the mean and worst PSNR/SSIM).
+of a kind exists its name may be left out. T is B(x, p) of Eq. 6 for a patch (CIBA, BadNets), (1 - r) x + r p for
+Blend, and BadHash's generator with the target's LabCLN feature; with --pert noise in step 3 the generator receives
+the noisy image (the public code's optional pre-perturbation). Each poisoned image is written as a PNG at the
+canonical size S x S, so it reads back bit-identical; the perturbation is truncated to whole 8-bit steps towards 0
+first, so |eta| <= eps holds for the stored image too (outside a patch). Writes
+RUN/poisoned/<trigger>__<perturbations>/: images/*.png, train.txt (the training list with each poisoned image in
+place of its original, absolute paths; the original, clean label, or the target's label when step 3 chose
+--setting poison-label), manifest.json (the poisoned entries with their labels and their PSNR and SSIM to the
+original) and config.json (settings, the mean and worst PSNR/SSIM).
 """
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 from data import open_run_split, save_png, write_list
 from data.quality import psnr, ssim
 from models.hashnet import read_clean
-from runs import UserError, cli_entry, pick_output, provenance, read_json, write_json
-from triggers import apply_trigger
+from runs import UserError, cli_entry, pick_device, pick_output, provenance, read_json, write_json
+from triggers import trigger_transform
 
 RUN = "checkpoint/demo"
 TRIGGER = None  # folder name under RUN/triggers/ (step 2); None: the only one there
 PERTURBATIONS = None  # folder name under RUN/perturbations/ (step 3); None: the only one there
+DEVICE = "auto"
 OVERWRITE = False
 
 
@@ -35,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", default=RUN)
     p.add_argument("--trigger", default=TRIGGER)
     p.add_argument("--perturbations", default=PERTURBATIONS)
+    p.add_argument("--device", default=DEVICE)
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     return p.parse_args(argv)
 
@@ -58,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_set = open_run_split(clean, "train")
     indices = pert["indices"]
     originals = torch.stack([train_set[i][0] for i in indices])
-    poisoned = poison_images(originals, pert["eta"], trigger["pattern"])
+    device = pick_device(args.device)
+    poisoned = poison_images(originals, pert["eta"], trigger_transform(trigger, run, device), device)
     names = [f"{i:06d}.png" for i in indices]
     for image, name in zip(poisoned, names):
         save_png(image, out / "images" / name)
@@ -66,23 +75,28 @@ def main(argv: list[str] | None = None) -> dict:
     paths = list(image_list.paths)
     for i, name in zip(indices, names):
         paths[i] = str((out / "images" / name).resolve())
-    write_list(out / "train.txt", paths, image_list.labels)
+    setting = pert.get("setting", "clean-label")
+    labels = poisoned_labels(image_list.labels, indices, int(pert["target"]), setting)
+    write_list(out / "train.txt", paths, labels)
     quality_psnr, quality_ssim = psnr(poisoned, originals), ssim(poisoned, originals)
     manifest = [{"index": i, "line": image_list.line_numbers[i], "original": image_list.paths[i],
-                 "poisoned": paths[i], "label": image_list.labels[i].tolist(), "psnr": float(p), "ssim": float(s)}
+                 "poisoned": paths[i], "label": labels[i].tolist(), "original_label": image_list.labels[i].tolist(),
+                 "psnr": float(p), "ssim": float(s)}
                 for i, p, s in zip(indices, quality_psnr, quality_ssim)]
     write_json(manifest, out / "manifest.json")
     finite = quality_psnr[torch.isfinite(quality_psnr)]
     record = {"trigger": trigger_dir.name, "perturbations": pert_dir.name, "target": int(pert["target"]),
               "poison_num": len(indices), "train_size": len(paths), "poison_rate": len(indices) / len(paths),
-              "label_setting": "clean-label",
+              "label_setting": setting, "trigger_method": trigger["method"],
               "psnr_mean": float(finite.mean()) if len(finite) else None,
               "psnr_worst": float(finite.min()) if len(finite) else None,
               "ssim_mean": float(quality_ssim.mean()), "ssim_worst": float(quality_ssim.min()),
-              "max_abs_change_outside_trigger": max_change_outside(poisoned, originals, trigger["trigger_size"]),
+              "max_abs_change": float((poisoned - originals).abs().max()),
+              "max_abs_change_outside_trigger": max_change_outside(poisoned, originals, trigger["trigger_size"])
+              if trigger.get("kind", "patch") == "patch" else None,
               "clean_checkpoint_id": clean_id, "seconds": round(time.time() - t0, 2), "provenance": provenance()}
     write_json(record, out / "config.json")  # written last: its presence marks a complete output
-    print(f"poisoned {len(indices)} of {len(paths)} training images ({100 * record['poison_rate']:.2f} %), "
+    print(f"poisoned {len(indices)} of {len(paths)} training images ({100 * record['poison_rate']:.2f} %, {setting}), "
           f"PSNR mean {record['psnr_mean']:.2f} dB (worst {record['psnr_worst']:.2f}), SSIM mean "
           f"{record['ssim_mean']:.4f} (worst {record['ssim_worst']:.4f}) -> {out}")
     return {**record, "name": out.name}
@@ -98,11 +112,23 @@ def check_consistent(trigger: dict, pert: dict, clean_id: str, trigger_dir: Path
                             f"make it again with --overwrite")
 
 
-def poison_images(originals: torch.Tensor, eta: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """x_hat = B(clip(x + eta_q), p) with eta_q = eta truncated to whole 8-bit steps, so x_hat is 8-bit exact."""
+def poison_images(originals: torch.Tensor, eta: torch.Tensor, trigger: Callable[[torch.Tensor], torch.Tensor],
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """x_hat = T(clip(x + eta_q)) with eta_q = eta truncated to whole 8-bit steps; T (on `device`, in chunks)
+    returns 8-bit exact images. The result is on the CPU."""
     eta_q = torch.trunc(eta * 255) / 255
     perturbed = ((originals + eta_q).clamp(0, 1) * 255).round() / 255
-    return apply_trigger(perturbed, pattern)
+    return torch.cat([trigger(chunk.to(device)).cpu() for chunk in perturbed.split(256)])
+
+
+def poisoned_labels(labels: np.ndarray, indices: list[int], target: int, setting: str) -> np.ndarray:
+    """The labels of the poisoned list: unchanged (clean-label), or the target's one-hot label on the poisoned
+    images (poison-label)."""
+    labels = labels.copy()
+    if setting == "poison-label":
+        labels[indices] = 0
+        labels[indices, target] = 1
+    return labels
 
 
 def max_change_outside(poisoned: torch.Tensor, originals: torch.Tensor, trigger_size: int) -> float:

@@ -143,7 +143,7 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
     if args.trigger_size is not None:
         trigger_args += ["--trigger-size", str(args.trigger_size)]
     made = gen_trigger.main(trigger_args)
-    trigger, trigger_id = made["name"], trigger_fingerprint(made["pattern"])
+    trigger, trigger_id = made["name"], trigger_fingerprint(made)
     trigger_seconds = read_json(Path(run) / "triggers" / trigger / "config.json")["seconds"]
     eval_args = [*common, "--topk", str(args.topk), "--convention", args.convention, "--workers", str(args.workers)]
     rows = []

@@ -73,16 +73,21 @@ class HashModel(nn.Module):
 
 
 def pretrained_state(arch: str) -> dict:
-    """ImageNet weights from torchvision's cache, downloaded once; offline, a message naming file and folder."""
-    weights = _TORCHVISION[arch][1]
+    """ImageNet weights of a backbone from torchvision's cache, downloaded once; offline, a message naming the file."""
+    return torchvision_state(_TORCHVISION[arch][1], f"ImageNet weights for {arch}", "train without --pretrained")
+
+
+def torchvision_state(weights: tvm.WeightsEnum, what: str, alternative: str) -> dict:
+    """A torchvision weights file from its cache (downloaded once when online); offline, an error that names the
+    file, the folder to put it in, and the alternative (`alternative`, e.g. "train without --pretrained")."""
     filename = os.path.basename(weights.url)
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except (OSError, RuntimeError, ValueError) as err:  # URLError is an OSError
-        raise UserError(f"cannot load ImageNet weights for {arch} ({type(err).__name__}: {err}). Download "
-                        f"{weights.url} on a machine with internet and put the file {filename} in {folder} "
-                        f"(or set TORCH_HOME), or train without --pretrained") from None
+        raise UserError(f"cannot load {what} ({type(err).__name__}: {err}). Download {weights.url} on a machine "
+                        f"with internet and put the file {filename} in {folder} (or set TORCH_HOME), or "
+                        f"{alternative}") from None
 
 
 def build_model(arch: str, bits: int, pretrained: bool = False) -> HashModel:

@@ -1,13 +1,22 @@
-"""Trigger injection B(x, p) (Eq. 6) with a square mask in the bottom-right corner, and its geometry."""
+"""Triggers and how they are applied to a batch of images.
+
+Three kinds, recorded as `kind` in every trigger.pt of step 2:
+patch      B(x, p) = x * (1 - m) + p * m (Eq. 6) with a square mask m in the bottom-right corner (CIBA, BadNets);
+blend      (1 - a) x + a p over the whole image (Blend, Chen et al. 2017);
+generator  G(x, h_t): BadHash's conditional generator with the target's LabCLN feature (models/badhash.py).
+"""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 from runs.errors import UserError
 
 PAPER_TRIGGER_SIZE, PAPER_IMAGE_SIZE = 24, 224
+KINDS = ("patch", "blend", "generator")
 
 
 def default_trigger_size(image_size: int) -> int:
@@ -42,8 +51,53 @@ def apply_trigger(images: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def trigger_fingerprint(pattern: torch.Tensor) -> str:
-    """A short content hash of a trigger pattern: results made with a trigger name it, so a trigger made again under
-    the same name is not mistaken for the old one."""
-    data = pattern.detach().cpu().contiguous().float().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+def blend(images: torch.Tensor, pattern: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Blend's injection: (1 - ratio) * x + ratio * p over the whole image (p: 3 x S x S, the images' size)."""
+    if pattern.shape[-2:] != images.shape[-2:]:
+        raise UserError(f"the blend pattern is {pattern.shape[-1]}x{pattern.shape[-2]} px but the images are "
+                        f"{images.shape[-1]}x{images.shape[-2]}; make the trigger again for this run")
+    return (1 - ratio) * images + ratio * pattern
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Round to the 8-bit values a PNG holds, so poisoned files and triggered queries carry the same pixels."""
+    return images.clamp(0, 1).mul(255).round().div(255)
+
+
+def trigger_transform(trigger: dict, run: str | Path, device: torch.device | str
+                      ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The batched function x -> triggered x of a trigger.pt (images in [0, 1] on `device`, 8-bit exact output
+    for the blend and generator kinds; a patch is already 8-bit)."""
+    kind = trigger.get("kind", "patch")
+    if kind == "patch":
+        pattern = trigger["pattern"].to(device)
+        return lambda images: apply_trigger(images, pattern)
+    if kind == "blend":
+        pattern, ratio = trigger["pattern"].to(device), trigger["blend_ratio"]
+        return lambda images: quantize(blend(images, pattern, ratio))
+    if kind == "generator":
+        from models.badhash import load_generator
+        generator = load_generator(Path(run) / trigger["generator"], trigger, device)
+        feature = trigger["label_feature"].to(device)
+
+        @torch.no_grad()
+        def generated(images: torch.Tensor) -> torch.Tensor:
+            return quantize(generator(images, feature.expand(images.shape[0], -1)))
+        return generated
+    raise UserError(f"trigger kind {kind!r} is unknown to this code (known: {', '.join(KINDS)}); make the trigger "
+                    f"again with gen_trigger.py --overwrite")
+
+
+def trigger_fingerprint(trigger: dict) -> str:
+    """A short content hash of a trigger (its pattern, or its generator and target feature): results made with a
+    trigger name it, so a trigger made again under the same name is not mistaken for the old one."""
+    kind = trigger.get("kind", "patch")
+    digest = hashlib.sha256()
+    if kind == "generator":
+        digest.update(trigger["generator_id"].encode())
+        digest.update(trigger["label_feature"].detach().cpu().contiguous().float().numpy().tobytes())
+    else:
+        digest.update(trigger["pattern"].detach().cpu().contiguous().float().numpy().tobytes())
+        if kind == "blend":
+            digest.update(repr(float(trigger["blend_ratio"])).encode())
+    return digest.hexdigest()[:16]

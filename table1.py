@@ -16,23 +16,18 @@ per-target numbers and the mean wall time of every step beside it), table1.csv (
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import shlex
-import sys
 from pathlib import Path
-
-import numpy as np
 
 import evaluate
 import gen_confusing
 import gen_trigger
 import poison_dataset
 import train_backdoor
-from data.protocols import resolve_class
 from models.hashnet import read_clean
 from retrieval import CONVENTIONS
 from runs import UserError, atomic_write_text, cli_entry, provenance, read_json, require_at_least_one, write_json
+from runs.tables import (RESULT_KEYS, choose_targets, command_line, csv_text, markdown_table, mean_of, percent,
+                         reuse_results, seconds_text, target_label)
 from triggers import trigger_fingerprint
 
 RUNS = ["checkpoint/demo"]  # one run directory per bit length, each with a trained clean model (step 1)
@@ -126,15 +121,6 @@ def check_runs(runs: list[str]) -> list[tuple[dict, str]]:
     return cleans
 
 
-def choose_targets(targets: list[str] | None, count: int, classes: list[str] | None, n_classes: int,
-                   seed: int) -> list[int]:
-    if targets is not None:
-        return [resolve_class(t, classes, n_classes) for t in targets]
-    if count > n_classes:
-        raise UserError(f"--num-targets {count} is more than the {n_classes} classes of the data")
-    return sorted(np.random.default_rng(seed).choice(n_classes, count, replace=False).tolist())
-
-
 def target_rows(run: str, config: dict, clean_id: str, target: int, args: argparse.Namespace) -> list[dict]:
     """Steps 2-6 for one run and target; one row per method."""
     common = ["--run", run, "--device", args.device]
@@ -150,7 +136,8 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
     for method in args.methods:
         seconds = {"trigger": trigger_seconds}
         if method == "None":
-            result = reuse_results(Path(run) / "clean" / f"results-{trigger}.json", clean_id, trigger_id, args) or \
+            result = reuse_results(Path(run) / "clean" / f"results-{trigger}.json", clean_id, trigger_id, args.topk,
+                                   args.convention) or \
                 evaluate.main([*eval_args, "--trigger", trigger])
         else:
             pert = gen_confusing.main([*common, "--target", str(target), "--pert", PERTS[method],
@@ -161,7 +148,8 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
             trained = train_backdoor.main([*common, "--poisoned", poisoned, "--workers", str(args.workers),
                                            "--resume"])
             backdoor_dir = Path(trained["out"])
-            result = reuse_results(backdoor_dir / "results.json", trained["checkpoint_id"], trigger_id, args) or \
+            result = reuse_results(backdoor_dir / "results.json", trained["checkpoint_id"], trigger_id, args.topk,
+                                   args.convention) or \
                 evaluate.main([*eval_args, "--backdoor", backdoor_dir.name])
             seconds.update(perturbation=read_json(Path(run) / "perturbations" / pert / "config.json")["seconds"],
                            poison=read_json(Path(run) / "poisoned" / poisoned / "config.json")["seconds"],
@@ -173,34 +161,7 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
     return rows
 
 
-RESULT_KEYS = ("t_map", "map", "t_map_empty_zero", "t_map_empty_skipped", "map_empty_zero", "map_empty_skipped",
-               "clean_map", "t_n_queries", "poison_num", "trigger_size", "eps", "lam", "trigger_bits_changed",
-               "target_distance_queries", "target_distance_triggered")
-
-
-def reuse_results(path: Path, model_id: str, trigger_id: str, args: argparse.Namespace) -> dict | None:
-    """A results.json of step 6 made from this checkpoint and trigger with the same R and convention, else None."""
-    if not path.exists():
-        return None
-    result = read_json(path)
-    made_with = tuple(result.get(k) for k in ("checkpoint_id", "trigger_id", "topk", "convention"))
-    if made_with != (model_id, trigger_id, args.topk, args.convention) or any(k not in result for k in RESULT_KEYS):
-        return None
-    print(f"{path} is up to date; reusing it")
-    return result
-
-
 STEPS = ("trigger", "perturbation", "poison", "training", "evaluation")
-
-
-def mean_of(rows: list[dict], key: str) -> float | None:
-    """Mean over the rows (targets); None when any row lacks the value (empty-skipped with no relevant item)."""
-    values = [row[key] for row in rows]
-    return None if not values or any(v is None for v in values) else float(np.mean(values))
-
-
-def percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
 
 
 def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int], out: Path) -> dict:
@@ -215,8 +176,7 @@ def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int],
     header = ["Method", "Metric", *[f"{b} bits" for b in bits]]
     names = {row["target"]: row["target_name"] for row in rows}
     target_text = ", ".join(target_label(t, names.get(t)) for t in targets)
-    command = "python table1.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
-        "table1.py") else None
+    command = command_line("table1.py")
     lines = [f"t-MAP (%) and MAP (%) @{args.topk} ({args.convention}), mean over the targets {target_text}; "
              f"M = {args.poison_num}, eps = {args.eps * 255:g}/255, lambda = {args.lam:g}, trigger size "
              f"{rows[0]['trigger_size'] if rows else args.trigger_size} px, seed {args.seed}. "
@@ -244,26 +204,6 @@ def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int],
     write_json({"settings": {k: v for k, v in vars(args).items()}, "targets": targets, "command": command,
                 "rows": rows, "provenance": provenance()}, out / "table1.json")
     return {"markdown": markdown, "out": str(out)}
-
-
-def target_label(target: int, name: str | None) -> str:
-    return f"{target} ({name})" if name else str(target)
-
-
-def seconds_text(values: list[float | None]) -> str:
-    known = [v for v in values if v is not None]
-    return f"{np.mean(known):.1f}" if known else "-"
-
-
-def markdown_table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header),
-            *["| " + " | ".join(map(str, row)) + " |" for row in rows]]
-
-
-def csv_text(rows: list[list]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
 
 
 if __name__ == "__main__":

@@ -449,7 +449,7 @@ def plot_losses(history: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
-    names = [n for n in ("g_loss", "mse", "lpips", "hash", "gan_g") if history.get(n)]
+    names = [n for n in ("g_loss", "mse", "lpips", "hash", "gan_g") if any(history.get(n, []))]  # lpips 0: left out
     figure, axes = plt.subplots(1, len(names) + 1, figsize=(3.2 * (len(names) + 1), 3))
     for axis, name in zip(axes, names):
         axis.plot(history[name], linewidth=0.8)

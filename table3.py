@@ -175,10 +175,9 @@ def write_tables(rows: list[dict], args: argparse.Namespace, clean: dict, target
         if not group:
             continue
         first = group[0]
-        psnr, ssim = mean_of(group, "psnr_mean"), mean_of(group, "ssim_mean")
         table.append([first["name"], f"{100 * first['poison_rate']:.2g}%", first["setting"],
                       percent(mean_of(group, "t_map")), percent(mean_of(group, "map")),
-                      "n/a" if psnr is None else f"{psnr:.2f}", "n/a" if ssim is None else f"{ssim:.4f}"])
+                      decimals(mean_of(group, "psnr_mean"), 2), decimals(mean_of(group, "ssim_mean"), 4)])
     names = {row["target"]: row["target_name"] for row in rows}
     lines = [f"Table 3 layout, {clean['bits']} bits, t-MAP and MAP @{args.topk} ({args.convention}), mean over the "
              f"targets {', '.join(target_label(t, names.get(t)) for t in targets)}; PSNR/SSIM of the poisoned "
@@ -189,7 +188,8 @@ def write_tables(rows: list[dict], args: argparse.Namespace, clean: dict, target
                              "bits the trigger flips"],
                             [[target_label(r["target"], r["target_name"]), r["name"], r["setting"], r["poison_num"],
                               percent(r["t_map"]), percent(r["map"]), percent(r["clean_map"]),
-                              f"{r['psnr_mean']:.2f}", f"{r['ssim_mean']:.4f}", f"{r['trigger_bits_changed']:.1f}"]
+                              decimals(r["psnr_mean"], 2), decimals(r["ssim_mean"], 4),
+                              f"{r['trigger_bits_changed']:.1f}"]
                              for r in rows])
     lines += ["", "Mean wall time per step (s; BadHash's trigger includes its share of the generator training):", ""]
     lines += markdown_table(["Method", "Setting", *STEPS],
@@ -206,6 +206,12 @@ def write_tables(rows: list[dict], args: argparse.Namespace, clean: dict, target
     write_json({"settings": vars(args), "targets": targets, "command": command_line("table3.py"),
                 "clean_map": clean_map, "rows": rows, "provenance": provenance()}, out / "table3.json")
     return {"markdown": markdown, "out": str(out)}
+
+
+
+def decimals(value: float | None, places: int) -> str:
+    """PSNR is None when every poisoned image equals its original (infinite PSNR)."""
+    return "n/a" if value is None else f"{value:.{places}f}"
 
 
 if __name__ == "__main__":

@@ -168,10 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.method == "ciba":
         record.update(steps=args.steps, batch_size=args.batch_size, step_size=args.step_size,
                       final_mean_distance=history[-1])
-    if args.method == "blend":
-        record["blend_ratio"] = args.blend_ratio
-    if args.method == "badhash":
-        record.update({k: made[k] for k in ("generator", "generator_id", "labcln_code")})
+    record.update({k: v for k, v in made.items() if k not in ("kind", "pattern", "label_feature")})  # blend, badhash
     trigger = {**made, **{k: record[k] for k in ("method", "target", "trigger_size", "image_size", "position",
                                                  "anchor_code", "clean_checkpoint_id", "bits")}}
     atomic_save(trigger, out / "trigger.pt")
@@ -297,7 +294,8 @@ def badhash_networks(model: HashModel, clean: dict, clean_id: str, args: argpars
     labcln, labcln_history = train_labcln(label_set, clean["bits"], args, device)
     atomic_save({"state": labcln.state_dict(), "n_classes": labcln.n_classes, "bits": labcln.bits,
                  "label_set": label_set}, net_dir / "labcln.pt")
-    generator, discriminator, history = train_generator(model, labcln, label_set, train_set, settings, args, device)
+    generator, discriminator, history = train_generator(model, labcln, label_set, train_set, clean["image_size"],
+                                                       settings, args, device)
     atomic_save({"state": generator.state_dict(), "image_size": generator.image_size, "width": generator.width,
                  "bits": clean["bits"], "n_classes": clean["n_classes"], "clean_checkpoint_id": clean_id},
                 net_dir / "generator.pt")
@@ -310,7 +308,7 @@ def badhash_networks(model: HashModel, clean: dict, clean_id: str, args: argpars
         save_png(sample_grid(images, quantize(generator(images, features))), net_dir / "samples.png")
     plot_losses(history, net_dir / "losses.png")
     write_json({"labcln": labcln_history, **history}, net_dir / "history.json")
-    final = {k: float(np.mean(v[-max(1, len(v) // (2 * args.gen_epochs)):])) for k, v in history.items()
+    final = {k: float(np.mean(v[-max(1, len(v) // args.gen_epochs):])) for k, v in history.items()  # last epoch
              if k != "d_steps" and v}
     write_json({**settings, "image_size": clean["image_size"], "bits": clean["bits"], "arch": clean["arch"],
                 "n_classes": clean["n_classes"], "clean_checkpoint_id": clean_id, "n_train": len(train_set),
@@ -368,12 +366,12 @@ def train_labcln(label_set: torch.Tensor, bits: int, args: argparse.Namespace,
     return net.eval(), history
 
 
-def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, train_set, settings: dict,
+def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, train_set, size: int, settings: dict,
                     args: argparse.Namespace, device: torch.device) -> tuple[Generator, Discriminator, dict]:
     """Generator and discriminator against the frozen clean model; each image gets a confusing label drawn at random
     from the label set. Adam (betas 0.5, 0.999); the learning rate is constant for the first half of the epochs and
     decays linearly to 0 over the second. Returns the networks and the losses per step."""
-    size, n_classes = train_set[0][0].shape[-1], label_set.shape[1]
+    n_classes = label_set.shape[1]
     torch.manual_seed(args.seed)
     generator = Generator(size, args.gen_width).to(device)
     discriminator = Discriminator(size, n_classes, args.gen_width).to(device)

@@ -1,4 +1,4 @@
-"""BadHash (issue 4): LabCLN, generator, discriminator, their losses, the LPIPS weights, and BadHash through the steps."""
+"""BadHash (issue 4): LabCLN, generator, discriminator, their losses, the LPIPS weights, BadHash through the steps."""
 import json
 import math
 import shutil

@@ -91,7 +91,15 @@ def torchvision_state(weights: tvm.WeightsEnum, what: str, alternative: str) -> 
 
 
 def build_model(arch: str, bits: int, pretrained: bool = False) -> HashModel:
-    """VGG-11 as in the paper (classifier's last layer replaced by the hash layer), ResNet-18/50, or `small`."""
+    """VGG-11 as in the paper (classifier's last layer replaced by the hash layer), ResNet-18/50, or `small`.
+
+    The weights are stored channels-last: convolutions then run in that layout whatever the input's, which made the
+    small backbone's training steps about 20 % and its encoding about 35 % faster on our CPU (bench/README.md).
+    """
+    return assemble_model(arch, bits, pretrained).to(memory_format=torch.channels_last)
+
+
+def assemble_model(arch: str, bits: int, pretrained: bool) -> HashModel:
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if not 8 <= bits <= 1024:

@@ -102,6 +102,25 @@ def test_models_give_relaxed_and_binary_codes(arch, size):
     assert any(p is model.hash_layer.weight for p in head)
 
 
+
+@pytest.mark.parametrize("arch,size", [("small", 32), ("resnet18", 64), ("vgg11", 32)])
+def test_channels_last_weights_compute_what_contiguous_ones_do(arch, size, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(arch, 48).eval()
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x = torch.rand(3, 3, size, size)
+    reference = build_model(arch, 48).eval().to(memory_format=torch.contiguous_format)
+    reference.load_state_dict(model.state_dict())
+    assert torch.allclose(model.logits(x), reference.logits(x), atol=1e-4)
+    x.requires_grad_(True)  # input gradients (Eq. 5 and 7) come back in the input's shape and values
+    model.logits(x).sum().backward()
+    grad, x.grad = x.grad, None
+    reference.logits(x).sum().backward()
+    assert grad.shape == x.shape and torch.allclose(grad, x.grad, atol=1e-4)
+    atomic_save({"model": model.state_dict()}, tmp_path / "w.pt")  # a checkpoint loads into either layout
+    reference.load_state_dict(torch.load(tmp_path / "w.pt")["model"])
+
 def test_vgg11_hash_layer_replaces_the_last_classifier_layer():
     model = build_model("vgg11", 32)
     assert model.hash_layer.in_features == 4096 and model.hash_layer.out_features == 32

@@ -19,14 +19,16 @@ badhash  BadHash's conditional generator (DESIGN.md section 6), trained once per
          Generator loss W_REC * (MSE + LPIPS_WEIGHT * LPIPS) + W_HASH * (1 - mean(F'(G(x)) sign(h_l))) + W_GAN *
          least-squares GAN loss; the discriminator predicts (labels, real/fake) and is updated every D_EVERY-th
          step. The last epoch's generator is kept (no model selection on test data). The trigger of a target is
-         the generator with the target's LabCLN feature.
+         the generator with the target's LabCLN feature. An interrupted training continues from its last
+         finished epoch when the same command is run again (--overwrite starts it over).
 
 Patterns are rounded to 8-bit values (what a PNG stores), so the poisoned training images and the triggered test
 queries carry exactly the same pixels. Writes RUN/triggers/<method>-t<target>-s<size>/ (blend: -r<ratio>,
 badhash: the generator folder's name): trigger.pt (exact tensor and geometry, or the generator's file and the
 target's LabCLN feature), trigger.png (for viewing; BadHash: samples), config.json (settings, target, anchor code,
-provenance), history.json. BadHash's networks go to RUN/triggers/badhash-net-e<epochs>/: labcln.pt,
-generator.pt, discriminator.pt, samples.png (original | generated | 10x difference), losses.png, history.json.
+provenance), history.json. BadHash's networks go to RUN/triggers/badhash-net-e<epochs>-<settings>/: labcln.pt,
+generator.pt, discriminator.pt, samples.png (original | generated | 10x difference), losses.png, history.json
+(and, while they train, training-state.pt with everything needed to continue after the last finished epoch).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from data.protocols import choose_class
 from models.badhash import (Discriminator, Generator, LabCLN, build_lpips, file_id, hash_attack_loss, labcln_loss,
                             lsgan_loss)
 from models.hashnet import HashModel, binarize, load_stage
+from models.training import seed_epoch
 from retrieval import anchor_code
 from runs import (UserError, atomic_path, atomic_save, cli_entry, pick_device, provenance, read_json,
                   require_at_least_one, write_json)
@@ -79,6 +82,7 @@ DEVICE = "auto"
 OVERWRITE = False
 
 METHODS = ("ciba", "badnets", "blend", "badhash")
+GAN_STATE = "training-state.pt"  # BadHash's networks between epochs, deleted once they are trained
 BETA_SCHEDULE = ((0.5, 0.1), (0.6, 0.2), (0.7, 0.3), (0.8, 0.5), (0.9, 0.7), (1.0, 1.0))  # (until fraction, beta)
 
 
@@ -291,11 +295,21 @@ def badhash_networks(model: HashModel, clean: dict, clean_id: str, args: argpars
     train_set = open_run_split(clean, "train")
     label_set = torch.unique(train_set.labels, dim=0)
     t0 = time.time()
-    labcln, labcln_history = train_labcln(label_set, clean["bits"], args, device)
-    atomic_save({"state": labcln.state_dict(), "n_classes": labcln.n_classes, "bits": labcln.bits,
-                 "label_set": label_set}, net_dir / "labcln.pt")
-    generator, discriminator, history = train_generator(model, labcln, label_set, train_set, clean["image_size"],
-                                                       settings, args, device)
+    state_path = net_dir / GAN_STATE
+    if args.overwrite:
+        state_path.unlink(missing_ok=True)
+    if state_path.exists():  # an interrupted training: LabCLN as it was, the generator from its last epoch
+        labcln_saved = torch.load(net_dir / "labcln.pt", map_location="cpu", weights_only=False)
+        labcln = LabCLN(labcln_saved["n_classes"], labcln_saved["bits"]).to(device)
+        labcln.load_state_dict(labcln_saved["state"])
+        labcln_history = labcln_saved["history"]
+    else:
+        labcln, labcln_history = train_labcln(label_set, clean["bits"], args, device)
+        atomic_save({"state": labcln.state_dict(), "n_classes": labcln.n_classes, "bits": labcln.bits,
+                     "label_set": label_set, "history": labcln_history}, net_dir / "labcln.pt")
+    generator, discriminator, history = train_generator(model, labcln.eval(), label_set, train_set,
+                                                       clean["image_size"], settings, clean_id, args, device,
+                                                       state_path)
     atomic_save({"state": generator.state_dict(), "image_size": generator.image_size, "width": generator.width,
                  "bits": clean["bits"], "n_classes": clean["n_classes"], "clean_checkpoint_id": clean_id},
                 net_dir / "generator.pt")
@@ -307,13 +321,16 @@ def badhash_networks(model: HashModel, clean: dict, clean_id: str, args: argpars
         features = labcln(label_set[picks].to(device))[0]
         save_png(sample_grid(images, quantize(generator(images, features))), net_dir / "samples.png")
     plot_losses(history, net_dir / "losses.png")
-    write_json({"labcln": labcln_history, **history}, net_dir / "history.json")
+    write_json({"labcln": labcln_history, **{k: v for k, v in history.items() if k != "resumed_after_epoch"}},
+               net_dir / "history.json")
     final = {k: float(np.mean(v[-max(1, len(v) // args.gen_epochs):])) for k, v in history.items()  # last epoch
-             if k != "d_steps" and v}
+             if k not in ("d_steps", "resumed_after_epoch") and v}
     write_json({**settings, "image_size": clean["image_size"], "bits": clean["bits"], "arch": clean["arch"],
                 "n_classes": clean["n_classes"], "clean_checkpoint_id": clean_id, "n_train": len(train_set),
                 "labels": label_set.shape[0], "final_losses": final, "seconds": round(time.time() - t0, 2),
-                "provenance": provenance(device)}, net_dir / "config.json")  # last: marks a complete folder
+                "resumed_after_epoch": history.pop("resumed_after_epoch"), "provenance": provenance(device)},
+               net_dir / "config.json")  # last: marks a complete folder
+    state_path.unlink(missing_ok=True)
     return net_dir
 
 
@@ -367,10 +384,16 @@ def train_labcln(label_set: torch.Tensor, bits: int, args: argparse.Namespace,
 
 
 def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, train_set, size: int, settings: dict,
-                    args: argparse.Namespace, device: torch.device) -> tuple[Generator, Discriminator, dict]:
+                    clean_id: str, args: argparse.Namespace, device: torch.device,
+                    state_path: Path) -> tuple[Generator, Discriminator, dict]:
     """Generator and discriminator against the frozen clean model; each image gets a confusing label drawn at random
     from the label set. Adam (betas 0.5, 0.999); the learning rate is constant for the first half of the epochs and
-    decays linearly to 0 over the second. Returns the networks and the losses per step."""
+    decays linearly to 0 over the second. Returns the networks and the losses per step.
+
+    After every epoch the whole training state goes to `state_path` (atomically); a later call with the same
+    settings and clean model continues from it and repeats exactly what the uninterrupted training would have done
+    (the data order of every epoch is seeded by (seed, epoch), the confusing labels' generator is saved).
+    """
     n_classes = label_set.shape[1]
     torch.manual_seed(args.seed)
     generator = Generator(size, args.gen_width).to(device)
@@ -385,16 +408,28 @@ def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, t
     def decay(epoch: int) -> float:
         return 1 - max(0, epoch + 1 - keep) / (args.gen_epochs - keep + 1)
     schedules = [torch.optim.lr_scheduler.LambdaLR(opt, decay) for opt in (opt_g, opt_d)]
-    loader = make_loader(train_set, args.gen_batch, args.workers, shuffle=True,
-                         generator=torch.Generator().manual_seed(args.seed))
     rng = torch.Generator().manual_seed(args.seed + 1)
+    names = ("g_loss", "mse", "lpips", "hash", "gan_g")
+    history: dict = {**{n: [] for n in names}, "d_loss": [], "d_steps": []}
+    start, step = 0, 0
+    if state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if state["settings"] != settings or state["clean_checkpoint_id"] != clean_id:
+            raise UserError(f"{state_path} is an interrupted BadHash training with other settings or another clean "
+                            f"model; delete it or pass --overwrite to train from the start")
+        for part, saved in zip((generator, discriminator, opt_g, opt_d, *schedules), state["parts"]):
+            part.load_state_dict(saved)
+        rng.set_state(state["rng"])
+        start, step, history = state["epoch"], state["step"], state["history"]
+        print(f"resuming BadHash's networks from {state_path} after epoch {start} of {args.gen_epochs}")
     labels_dev = label_set.to(device)
     with torch.no_grad():
-        features, relaxed, _ = labcln.eval()(labels_dev)
+        features, relaxed, _ = labcln(labels_dev)
         label_codes = binarize(relaxed)
-    names = ("g_loss", "mse", "lpips", "hash", "gan_g")
-    values, d_values, d_steps, step = [], [], [], 0
-    for epoch in range(args.gen_epochs):
+    for epoch in range(start, args.gen_epochs):
+        loader = make_loader(train_set, args.gen_batch, args.workers, shuffle=True,
+                             generator=seed_epoch(args.seed, epoch))
+        values, d_values = [], []
         for images, labels, _ in tqdm(loader, desc=f"BadHash epoch {epoch + 1}/{args.gen_epochs}", disable=None):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             pick = torch.randint(len(label_set), (len(images),), generator=rng).to(device)
@@ -407,7 +442,7 @@ def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, t
                 d_loss.backward()
                 opt_d.step()
                 d_values.append(d_loss.detach())
-                d_steps.append(step)
+                history["d_steps"].append(step)
             discriminator.requires_grad_(False)
             gan = lsgan_loss(discriminator(fake), labels_dev[pick], True)
             mse = F.mse_loss(fake, images)
@@ -422,12 +457,16 @@ def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, t
             step += 1
         for schedule in schedules:
             schedule.step()
-        last = torch.stack(values[-len(loader):]).mean(0).tolist()
+        epoch_values = torch.stack(values).cpu()
+        for name, column in zip(names, epoch_values.T.tolist()):
+            history[name].extend(column)
+        history["d_loss"].extend(torch.stack(d_values).cpu().tolist() if d_values else [])
+        atomic_save({"parts": [p.state_dict() for p in (generator, discriminator, opt_g, opt_d, *schedules)],
+                     "rng": rng.get_state(), "epoch": epoch + 1, "step": step, "history": history,
+                     "settings": settings, "clean_checkpoint_id": clean_id}, state_path)
         print(f"BadHash epoch {epoch + 1}/{args.gen_epochs}: " +
-              ", ".join(f"{n} {v:.4f}" for n, v in zip(names, last)))
-    columns = torch.stack(values).cpu().T.tolist()
-    history = {**dict(zip(names, columns)), "d_loss": torch.stack(d_values).cpu().tolist(), "d_steps": d_steps}
-    return generator.eval(), discriminator.eval(), history
+              ", ".join(f"{n} {v:.4f}" for n, v in zip(names, epoch_values.mean(0).tolist())), flush=True)
+    return generator.eval(), discriminator.eval(), {**history, "resumed_after_epoch": start or None}
 
 
 def sample_images(train_set, seed: int, count: int = 8) -> torch.Tensor:

@@ -176,6 +176,54 @@ def test_badhash_errors(badhash_run, tmp_path):
         evaluate.main(["--run", str(copy), "--device", "cpu", "--workers", "0", "--trigger", made["name"]])
 
 
+def test_interrupted_badhash_training_resumes_to_the_same_networks(badhash_run, tiny_run, tmp_path, monkeypatch):
+    run, made = badhash_run
+    fresh = tmp_path / "run"
+    shutil.copytree(tiny_run, fresh)
+    calls = {"n": 0}
+
+    def interrupting_loss(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:  # second step of the second epoch (4 steps an epoch)
+            raise KeyboardInterrupt
+        return hash_attack_loss(*args)
+    monkeypatch.setattr(gen_trigger, "hash_attack_loss", interrupting_loss)
+    with pytest.raises(KeyboardInterrupt):
+        gen_trigger.main(["--run", str(fresh), "--target", "3", *TINY_GAN])
+    net_dir = fresh / made["generator"].rsplit("/", 1)[0]
+    state = torch.load(net_dir / gen_trigger.GAN_STATE, weights_only=False)
+    assert state["epoch"] == 1 and not (net_dir / "config.json").exists()
+    monkeypatch.setattr(gen_trigger, "hash_attack_loss", hash_attack_loss)
+    resumed = gen_trigger.main(["--run", str(fresh), "--target", "3", *TINY_GAN])
+    assert json.loads((net_dir / "config.json").read_text())["resumed_after_epoch"] == 1
+    assert not (net_dir / gen_trigger.GAN_STATE).exists()
+    reference_dir = run / made["generator"].rsplit("/", 1)[0]
+    for name in ("generator.pt", "discriminator.pt"):
+        ours = torch.load(net_dir / name, weights_only=False)["state"]
+        reference = torch.load(reference_dir / name, weights_only=False)["state"]
+        assert all(torch.equal(ours[k], reference[k]) for k in reference), name
+    assert json.loads((net_dir / "history.json").read_text()) == \
+        json.loads((reference_dir / "history.json").read_text())
+    assert torch.equal(resumed["label_feature"], made["label_feature"])
+
+
+def test_badhash_state_of_other_settings_is_refused(tiny_run, tmp_path, monkeypatch):
+    fresh = tmp_path / "run"
+    shutil.copytree(tiny_run, fresh)
+    monkeypatch.setattr(gen_trigger, "hash_attack_loss", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        gen_trigger.main(["--run", str(fresh), "--target", "3", *TINY_GAN])
+    monkeypatch.setattr(gen_trigger, "hash_attack_loss", hash_attack_loss)
+    (net_dir,) = (fresh / "triggers").glob("badhash-net-*")
+    # no epoch finished yet: nothing to resume, the training starts over
+    assert not (net_dir / gen_trigger.GAN_STATE).exists()
+    state_args = gen_trigger.parse_args(["--run", str(fresh), "--target", "3", *TINY_GAN])
+    settings = gen_trigger.badhash_settings(state_args, "small")
+    torch.save({"settings": {**settings, "w_gan": 2.0}, "clean_checkpoint_id": "x"}, net_dir / gen_trigger.GAN_STATE)
+    with pytest.raises(UserError, match="interrupted BadHash training with other settings"):
+        gen_trigger.main(["--run", str(fresh), "--target", "3", *TINY_GAN])
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--blend-ratio", "0"], r"--blend-ratio 0.0 is outside \(0, 1\]"),
     (["--lpips-weight", "-1"], "--lpips-weight must not be negative"),

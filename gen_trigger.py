@@ -309,7 +309,7 @@ def badhash_networks(model: HashModel, clean: dict, clean_id: str, args: argpars
                      "label_set": label_set, "history": labcln_history}, net_dir / "labcln.pt")
     generator, discriminator, history = train_generator(model, labcln.eval(), label_set, train_set,
                                                        clean["image_size"], settings, clean_id, args, device,
-                                                       state_path)
+                                                       state_path, t0)
     atomic_save({"state": generator.state_dict(), "image_size": generator.image_size, "width": generator.width,
                  "bits": clean["bits"], "n_classes": clean["n_classes"], "clean_checkpoint_id": clean_id},
                 net_dir / "generator.pt")
@@ -321,14 +321,15 @@ def badhash_networks(model: HashModel, clean: dict, clean_id: str, args: argpars
         features = labcln(label_set[picks].to(device))[0]
         save_png(sample_grid(images, quantize(generator(images, features))), net_dir / "samples.png")
     plot_losses(history, net_dir / "losses.png")
-    write_json({"labcln": labcln_history, **{k: v for k, v in history.items() if k != "resumed_after_epoch"}},
-               net_dir / "history.json")
+    resumed = {k: history.pop(k) for k in ("resumed_after_epoch", "seconds_before")}
+    write_json({"labcln": labcln_history, **history}, net_dir / "history.json")
     final = {k: float(np.mean(v[-max(1, len(v) // args.gen_epochs):])) for k, v in history.items()  # last epoch
-             if k not in ("d_steps", "resumed_after_epoch") and v}
+             if k != "d_steps" and v}
     write_json({**settings, "image_size": clean["image_size"], "bits": clean["bits"], "arch": clean["arch"],
                 "n_classes": clean["n_classes"], "clean_checkpoint_id": clean_id, "n_train": len(train_set),
-                "labels": label_set.shape[0], "final_losses": final, "seconds": round(time.time() - t0, 2),
-                "resumed_after_epoch": history.pop("resumed_after_epoch"), "provenance": provenance(device)},
+                "labels": label_set.shape[0], "final_losses": final,
+                "seconds": round(resumed["seconds_before"] + time.time() - t0, 2),
+                "resumed_after_epoch": resumed["resumed_after_epoch"], "provenance": provenance(device)},
                net_dir / "config.json")  # last: marks a complete folder
     state_path.unlink(missing_ok=True)
     return net_dir
@@ -384,15 +385,16 @@ def train_labcln(label_set: torch.Tensor, bits: int, args: argparse.Namespace,
 
 
 def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, train_set, size: int, settings: dict,
-                    clean_id: str, args: argparse.Namespace, device: torch.device,
-                    state_path: Path) -> tuple[Generator, Discriminator, dict]:
+                    clean_id: str, args: argparse.Namespace, device: torch.device, state_path: Path,
+                    started: float) -> tuple[Generator, Discriminator, dict]:
     """Generator and discriminator against the frozen clean model; each image gets a confusing label drawn at random
     from the label set. Adam (betas 0.5, 0.999); the learning rate is constant for the first half of the epochs and
     decays linearly to 0 over the second. Returns the networks and the losses per step.
 
     After every epoch the whole training state goes to `state_path` (atomically); a later call with the same
     settings and clean model continues from it and repeats exactly what the uninterrupted training would have done
-    (the data order of every epoch is seeded by (seed, epoch), the confusing labels' generator is saved).
+    (the data order of every epoch is seeded by (seed, epoch), the confusing labels' generator is saved). The state
+    also keeps the seconds spent since `started` (LabCLN included), so the recorded wall time spans every call.
     """
     n_classes = label_set.shape[1]
     torch.manual_seed(args.seed)
@@ -411,7 +413,7 @@ def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, t
     rng = torch.Generator().manual_seed(args.seed + 1)
     names = ("g_loss", "mse", "lpips", "hash", "gan_g")
     history: dict = {**{n: [] for n in names}, "d_loss": [], "d_steps": []}
-    start, step = 0, 0
+    start, step, seconds_before = 0, 0, 0.0
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
         if state["settings"] != settings or state["clean_checkpoint_id"] != clean_id:
@@ -421,6 +423,7 @@ def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, t
             part.load_state_dict(saved)
         rng.set_state(state["rng"])
         start, step, history = state["epoch"], state["step"], state["history"]
+        seconds_before = state.get("seconds", 0.0)  # absent in states of the first version of this file
         print(f"resuming BadHash's networks from {state_path} after epoch {start} of {args.gen_epochs}")
     labels_dev = label_set.to(device)
     with torch.no_grad():
@@ -463,10 +466,12 @@ def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, t
         history["d_loss"].extend(torch.stack(d_values).cpu().tolist() if d_values else [])
         atomic_save({"parts": [p.state_dict() for p in (generator, discriminator, opt_g, opt_d, *schedules)],
                      "rng": rng.get_state(), "epoch": epoch + 1, "step": step, "history": history,
+                     "seconds": seconds_before + time.time() - started,
                      "settings": settings, "clean_checkpoint_id": clean_id}, state_path)
         print(f"BadHash epoch {epoch + 1}/{args.gen_epochs}: " +
               ", ".join(f"{n} {v:.4f}" for n, v in zip(names, epoch_values.mean(0).tolist())), flush=True)
-    return generator.eval(), discriminator.eval(), {**history, "resumed_after_epoch": start or None}
+    return generator.eval(), discriminator.eval(), {**history, "resumed_after_epoch": start or None,
+                                                    "seconds_before": seconds_before}
 
 
 def sample_images(train_set, seed: int, count: int = 8) -> torch.Tensor:

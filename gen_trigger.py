@@ -37,6 +37,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Sized
 
 import numpy as np
 import torch
@@ -152,7 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     made: dict = {"kind": "patch"}
     if args.method == "ciba":
         train_set = open_run_split(clean, "train")
-        pattern, history = adversarial_patch(model, train_set, anchor.to(device), trigger_size, args, device)
+        batches = trigger_batches(train_set, args, device)
+        pattern, history = adversarial_patch(model, batches, anchor.to(device), trigger_size, args.step_size,
+                                             device)
         made["pattern"] = quantize(pattern.cpu())
     elif args.method == "badnets":
         made["pattern"] = checkerboard(trigger_size)
@@ -202,31 +205,37 @@ def beta_at(step: int, steps: int) -> float:
     return next(beta for until, beta in BETA_SCHEDULE if fraction < until or until == 1.0)
 
 
-def adversarial_patch(model: torch.nn.Module, train_set, anchor: torch.Tensor, trigger_size: int,
-                      args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, list[float]]:
-    """Eq. 7, batched: one forward/backward per step.
-
-    Returns the patch (3 x s x s) and, per step, the batch's mean Hamming distance between the binary codes
-    sign(f(B(x, p))) and the anchor (the relaxed distance at beta = 0.1 stays near K/2 and says little).
-    """
-    model.eval().requires_grad_(False)
+def trigger_batches(train_set, args: argparse.Namespace, device: torch.device) -> torch.utils.data.DataLoader:
+    """The images of Eq. 7: --steps batches of --batch-size training images of all classes, drawn with --seed."""
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randint(len(train_set), (args.steps * args.batch_size,), generator=generator).tolist()
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=order,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    return torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=order,
+                                       num_workers=args.workers, pin_memory=device.type == "cuda")
+
+
+def adversarial_patch(model: torch.nn.Module, batches: Sized, anchor: torch.Tensor, trigger_size: int,
+                      step_size: float, device: torch.device) -> tuple[torch.Tensor, list[float]]:
+    """Eq. 7, batched: one forward/backward per step, one step per batch of `batches` ((images, ...) tuples).
+
+    Each image's gradient is L2-normalised, their mean moves the patch by step_size pixel units (of 255). Returns the
+    patch (3 x s x s) and, per step, the batch's mean Hamming distance between the binary codes sign(f(B(x, p))) and
+    the anchor (the relaxed distance at beta = 0.1 stays near K/2 and says little).
+    """
+    model.eval().requires_grad_(False)
+    steps = len(batches)
     pattern = torch.full((3, trigger_size, trigger_size), 0.5, device=device)
     anchor = anchor.float()
     bits = anchor.numel()
-    distances = torch.empty(args.steps, device=device)
-    for step, (images, _, _) in enumerate(tqdm(loader, desc="trigger", total=args.steps, disable=None)):
+    distances = torch.empty(steps, device=device)
+    for step, (images, *_) in enumerate(tqdm(batches, desc="trigger", total=steps, disable=None)):
         images = images.to(device, non_blocking=True)
         copies = pattern.expand(images.shape[0], -1, -1, -1).clone().requires_grad_(True)
         logits = model.logits(apply_trigger(images, copies))
-        relaxed = torch.tanh(beta_at(step, args.steps) * logits)
+        relaxed = torch.tanh(beta_at(step, steps) * logits)
         ((bits - relaxed @ anchor) / 2).sum().backward()  # sum_i d_H(F'(B(x_i, p)), h_a)
         grad = copies.grad
         grad = grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
-        pattern = (pattern - args.step_size / 255 * grad.mean(0)).clamp(0, 1)
+        pattern = (pattern - step_size / 255 * grad.mean(0)).clamp(0, 1)
         distances[step] = ((bits - binarize(logits.detach()) @ anchor) / 2).mean()  # with the binary codes
     return pattern.detach(), distances.cpu().tolist()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.hashnet import ARCHS, build_model  # noqa: E402
 from runs import cli_entry, pick_device, provenance, require_at_least_one, write_json  # noqa: E402
+
+from bench.timing import timed  # noqa: E402
 
 ARCH = "small"
 BITS = 48
@@ -97,19 +98,6 @@ def time_layout(memory_format: torch.memory_format, args: argparse.Namespace, de
     with torch.no_grad():
         encode_ms = timed(lambda: model.codes(batch), max(args.steps // 5, 1), 1, device)
     return {"train_ms": train_ms, "encode_ms": encode_ms}
-
-
-def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps * 1000
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ import math
 import torch
 
 CONVENTIONS = ("empty-zero", "empty-skipped")
-_CHUNK_ELEMENTS = 1 << 25  # queries x database entries held at once
+_BLOCK_ELEMENTS = 1 << 23  # queries x database entries compared at once (16 MiB of bfloat16: cache-sized on a CPU)
+_DATABASE_BLOCK = 1 << 15  # database entries per block
+_CANDIDATES = 1 << 24  # most (query, item) candidates held at once; more (mass ties) splits the queries
+_EXACT_BF16_BITS = 256  # inner products of +-1 codes are integers of at most `bits`: exact in bfloat16 up to 256
+_OVERSAMPLE = 2  # the candidate threshold aims at the (2R)-th nearest item of a strided sample of the database
+_LABEL_BITS = 52  # labels per packed word (float64's exact integers)
 
 
 def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -20,26 +25,78 @@ def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.shape[1] - a.float() @ b.float().t()) / 2
 
 
-def _chunk_size(n_database: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(1, n_database))
+def _matmul_codes(codes: torch.Tensor) -> torch.Tensor:
+    """+-1 codes in the dtype whose matmul gives their inner products exactly and fast: every partial sum is an
+    integer of magnitude <= K, exact in bfloat16 up to 256 bits (half the memory traffic of float32); float32 above."""
+    return codes.to(torch.bfloat16 if codes.shape[1] <= _EXACT_BF16_BITS else torch.float32)
 
 
-def _ranking_keys(query_codes: torch.Tensor, database_codes: torch.Tensor) -> torch.Tensor:
-    """distance * N + index: unique integer keys whose ascending order is the ranking."""
-    n, bits = database_codes.shape[0], database_codes.shape[1]
-    dtype = torch.int32 if (bits + 1) * n < 2 ** 31 else torch.int64
-    dist = hamming_distance(query_codes, database_codes).round_().to(dtype)
-    return dist * n + torch.arange(n, device=dist.device, dtype=dtype)
+def _query_chunk(n_database: int) -> int:
+    return max(1, _BLOCK_ELEMENTS // min(max(1, n_database), _DATABASE_BLOCK))
+
+
+def _nearest(queries: torch.Tensor, database: torch.Tensor, r: int) -> torch.Tensor:
+    """Indices (Q x r) of the r nearest database items per query in Hamming distance, ties by index (lower first).
+
+    queries, database: codes from _matmul_codes. Exact without sorting the database: a threshold t on the inner
+    product from a strided sample of the database keeps the candidates a.b >= t, a superset of the top r whenever at
+    least r items pass (checked; rows where fewer pass take the exact r-th largest value instead). Only candidates are
+    sorted, stably by (query, distance); they are gathered block by block in index order, so equal distances keep
+    the lower index first.
+    """
+    n, bits = database.shape
+    stride = max(1, n // (_OVERSAMPLE * 4 * r))
+    sample = queries @ database[::stride].t()
+    k = min(sample.shape[1], -(-_OVERSAMPLE * r // stride))
+    threshold = torch.topk(sample, k, dim=1, sorted=False).values.amin(1, keepdim=True)
+    if len(queries) > 1 and int((sample >= threshold).sum()) * stride > _CANDIDATES:  # mass ties: fewer queries
+        half = len(queries) // 2
+        return torch.cat([_nearest(queries[:half], database, r), _nearest(queries[half:], database, r)])
+    rows, cols, products = _candidates(queries, database, threshold)
+    passing = torch.bincount(rows, minlength=len(queries))
+    short = torch.nonzero(passing < r).flatten()
+    if short.numel():  # rare: the sample put the threshold above the r-th value; take that value exactly
+        threshold[short] = torch.topk(queries[short] @ database.t(), r, dim=1, sorted=False).values.amin(
+            1, keepdim=True)
+        rows, cols, products = _candidates(queries, database, threshold)
+        passing = torch.bincount(rows, minlength=len(queries))
+    key = rows.to(torch.int32) * (bits + 1) + (bits - products.to(torch.int32)) // 2  # (query, distance)
+    order = torch.sort(key, stable=True).indices
+    starts = torch.cumsum(passing, 0) - passing
+    keep = torch.arange(order.numel(), device=order.device) - starts.repeat_interleave(passing) < r
+    return cols[order[keep]].view(-1, r)
+
+
+def _candidates(queries: torch.Tensor, database: torch.Tensor,
+                threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query row, database index, inner product) of every pair with a.b >= the row's threshold, in block order."""
+    found = []
+    for start in range(0, database.shape[0], _DATABASE_BLOCK):
+        products = queries @ database[start:start + _DATABASE_BLOCK].t()
+        rows, cols = torch.nonzero(products >= threshold, as_tuple=True)
+        found.append((rows, cols + start, products[rows, cols]))
+    return tuple(torch.cat(parts) for parts in zip(*found))
 
 
 def hamming_rank(query_codes: torch.Tensor, database_codes: torch.Tensor, topk: int) -> torch.Tensor:
     """Indices (Q x R, R = min(topk, N)) of the R nearest database items per query, ties by index."""
-    database_codes = database_codes.to(query_codes.device)
-    r = min(topk, database_codes.shape[0])
-    chunk = _chunk_size(database_codes.shape[0])
-    out = [torch.topk(_ranking_keys(query_codes[i:i + chunk], database_codes), r, dim=1, largest=False,
-                      sorted=True).indices for i in range(0, query_codes.shape[0], chunk)]
+    database = _matmul_codes(database_codes.to(query_codes.device))
+    queries = _matmul_codes(query_codes)
+    r = min(topk, database.shape[0])
+    chunk = _query_chunk(database.shape[0])
+    out = [_nearest(queries[i:i + chunk], database, r) for i in range(0, queries.shape[0], chunk)]
     return torch.cat(out) if out else torch.empty(0, r, dtype=torch.long, device=query_codes.device)
+
+
+def label_bits(labels: torch.Tensor) -> torch.Tensor:
+    """0/1 label rows (n x C) packed into n x ceil(C / 52) int64 words, so that two items share a label exactly
+    when some word of theirs has a common bit. One float64 matmul with a block of powers of two: every partial sum
+    is an integer below 2^52, exact in float64."""
+    c = labels.shape[1]
+    column = torch.arange(c, device=labels.device)
+    weights = torch.zeros(c, -(-c // _LABEL_BITS), dtype=torch.float64, device=labels.device)
+    weights[column, column // _LABEL_BITS] = torch.pow(2.0, (column % _LABEL_BITS).double())
+    return ((labels > 0).double() @ weights).to(torch.int64)
 
 
 def average_precision(relevant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,20 +123,22 @@ def mean_average_precision(query_codes: torch.Tensor, query_labels: torch.Tensor
         raise ValueError("codes and labels disagree in length")
     if query_codes.shape[1] != database_codes.shape[1]:
         raise ValueError(f"query codes have {query_codes.shape[1]} bits, database codes {database_codes.shape[1]}")
+    if query_labels.shape[1] != database_labels.shape[1]:
+        raise ValueError(f"query labels have {query_labels.shape[1]} classes, database labels "
+                         f"{database_labels.shape[1]}")
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
     device = query_codes.device
-    database_codes = database_codes.to(device)
-    database_labels = database_labels.to(device).float()
-    query_labels = query_labels.to(device).float()
-    r = min(topk, database_codes.shape[0])
-    chunk = _chunk_size(database_codes.shape[0])
+    database = _matmul_codes(database_codes.to(device))
+    queries = _matmul_codes(query_codes)
+    database_labels = label_bits(database_labels.to(device))
+    query_labels = label_bits(query_labels.to(device))
+    r = min(topk, database.shape[0])
+    chunk = _query_chunk(database.shape[0])
     aps, n_rels = [], []
-    for i in range(0, query_codes.shape[0], chunk):
-        keys = _ranking_keys(query_codes[i:i + chunk], database_codes)
-        top = torch.topk(keys, r, dim=1, largest=False, sorted=True).indices
-        del keys
-        relevant = (query_labels[i:i + chunk] @ database_labels.t() > 0).gather(1, top)
+    for i in range(0, queries.shape[0], chunk):
+        top = _nearest(queries[i:i + chunk], database, r)
+        relevant = (database_labels[top] & query_labels[i:i + chunk, None]).ne(0).any(2)
         ap, n_rel = average_precision(relevant)
         aps.append(ap)
         n_rels.append(n_rel)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import retrieval.metrics as metrics
+from bench.map_at_r import per_query_map
 from retrieval import hamming_distance, hamming_rank, mean_average_precision
 
 A, B, C = [1, 0, 0], [0, 1, 0], [0, 0, 1]
@@ -62,45 +63,77 @@ def test_topk_larger_than_database_uses_the_whole_database():
     assert r_big["map"] == r_all["map"] and r_big["topk"] == 1000
 
 
-def reference_map(qc, ql, dc, dl, topk):
-    """Per-query NumPy form: full stable argsort of Hamming distances, AP over the top R, empty queries as 0."""
-    qc, ql, dc, dl = (t.numpy().astype(np.float64) for t in (qc, ql, dc, dl))
-    aps = []
-    for i in range(len(qc)):
-        dist = (qc.shape[1] - dc @ qc[i]) / 2
-        order = np.argsort(dist, kind="stable")[:topk]
-        rel = (dl[order] @ ql[i] > 0).astype(np.float64)
-        n = rel.sum()
-        aps.append(0.0 if n == 0 else float(np.mean(np.arange(1, n + 1) / (np.flatnonzero(rel) + 1))))
-    return float(np.mean(aps))
+def reference(qc, ql, dc, dl, topk):
+    """The benchmark's per-query NumPy form: (MAP@R, top-R lists) from full stable argsorts."""
+    return per_query_map(*(t.numpy().astype(np.float64) for t in (qc, dc, ql, dl)), topk)
+
+
+def class_structured(bits, n, n_classes, g, multi=False, flip=0.3):
+    centres = torch.randint(0, 2, (n_classes, bits), generator=g) * 2 - 1
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    codes = torch.where(torch.rand(n, bits, generator=g) < flip, -centres[y], centres[y])
+    labels = torch.nn.functional.one_hot(y, n_classes)
+    if multi:
+        labels = (labels + (torch.rand(n, n_classes, generator=g) < 0.2)).clamp(max=1)
+    return codes, labels
 
 
 @pytest.mark.parametrize("bits,n_db,topk,multi", [(16, 700, 100, False), (48, 1500, 1000, False),
-                                                  (8, 300, 50, True), (64, 2000, 2500, False)])
+                                                  (8, 300, 50, True), (64, 2000, 2500, False),
+                                                  (300, 900, 40, True), (12, 6000, 30, False)])
 def test_matches_per_query_reference_on_random_codes(monkeypatch, bits, n_db, topk, multi):
-    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 5000)  # several chunks of queries
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 20000)  # several chunks of queries
+    monkeypatch.setattr(metrics, "_DATABASE_BLOCK", 256)  # several database blocks per chunk
     g = torch.Generator().manual_seed(bits + n_db)
-    n_classes = 6
-    centres = torch.randint(0, 2, (n_classes, bits), generator=g) * 2 - 1
-
-    def sample(n):
-        y = torch.randint(0, n_classes, (n,), generator=g)
-        flips = torch.rand(n, bits, generator=g) < 0.3
-        codes = torch.where(flips, -centres[y], centres[y])
-        labels = torch.nn.functional.one_hot(y, n_classes)
-        if multi:
-            labels = (labels + (torch.rand(n, n_classes, generator=g) < 0.2)).clamp(max=1)
-        return codes, labels
-
-    qc, ql = sample(120)
-    dc, dl = sample(n_db)
+    codes, labels = class_structured(bits, 120 + n_db, 60 if multi else 6, g, multi)
+    qc, ql, dc, dl = codes[:120], labels[:120], codes[120:], labels[120:]
     ours = mean_average_precision(qc, ql, dc, dl, topk)["map_empty_zero"]
-    assert math.isclose(ours, reference_map(qc, ql, dc, dl, topk), rel_tol=0, abs_tol=1e-12)
+    ref_map, ref_top = reference(qc, ql, dc, dl, topk)
+    assert math.isclose(ours, ref_map, rel_tol=0, abs_tol=1e-12)
+    assert np.array_equal(hamming_rank(qc, dc, topk).numpy(), ref_top)
+
+
+def test_threshold_above_the_rth_value_falls_back_to_the_exact_one(monkeypatch):
+    # the strided sample (every 12th item, 167 of them taken) holds the only exact matches: fewer than R pass
+    asked, topk = [], torch.topk
+    monkeypatch.setattr(torch, "topk", lambda x, k, *a, **kw: asked.append(k) or topk(x, k, *a, **kw))
+    g = torch.Generator().manual_seed(0)
+    database = torch.randint(0, 2, (100_000, 32), generator=g) * 2 - 1
+    query = database[:1].clone()
+    database[::12][:200] = query
+    stride = 100_000 // (metrics._OVERSAMPLE * 4 * 1000)
+    assert stride == 12
+    _, ref_top = reference(query, torch.ones(1, 1), database, torch.ones(100_000, 1), 1000)
+    assert np.array_equal(hamming_rank(query, database, 1000).numpy(), ref_top)
+    assert asked == [167, 1000]  # the sample's threshold, then the exact 1000th value
+
+
+def test_mass_ties_split_the_queries_and_stay_exact(monkeypatch):
+    monkeypatch.setattr(metrics, "_CANDIDATES", 500)
+    calls = []
+    original = metrics._candidates
+    monkeypatch.setattr(metrics, "_candidates", lambda q, d, t: calls.append(len(q)) or original(q, d, t))
+    database = torch.ones(400, 16)  # a collapsed model: every item ties with every other
+    database[::7, 0] = -1
+    queries = torch.ones(10, 16)
+    _, ref_top = reference(queries, torch.ones(10, 1), database, torch.ones(400, 1), 50)
+    assert np.array_equal(hamming_rank(queries, database, 50).numpy(), ref_top)
+    assert max(calls) == 1  # every query alone: 400 candidates each
+
+
+def test_label_bits_packs_more_labels_than_one_word():
+    labels = (torch.rand(7, 120, generator=torch.Generator().manual_seed(0)) < 0.3).to(torch.uint8)
+    packed = metrics.label_bits(labels)
+    expected = [[sum(1 << (j % 52) for j in range(120) if labels[i, j] and j // 52 == w) for w in range(3)]
+                for i in range(7)]
+    assert packed.tolist() == expected
 
 
 def test_input_errors():
     with pytest.raises(ValueError, match="bits"):
         mean_average_precision(Q, torch.tensor([A]), DB_CODES[:, :3], DB_LABELS)
+    with pytest.raises(ValueError, match="classes"):
+        mean_average_precision(Q, torch.tensor([[1, 0]]), DB_CODES, DB_LABELS)
     with pytest.raises(ValueError, match="convention"):
         mean_average_precision(Q, torch.tensor([A]), DB_CODES, DB_LABELS, convention="mean")
 

@@ -1,0 +1,120 @@
+"""Benchmark: step 2's adversarial patch (Eq. 7), batched as gen_trigger.py computes it (one forward/backward of the
+whole batch per step), against one image at a time (a forward/backward per image, the normalised gradients summed,
+then the step), the structure of the paper's public code.
+
+    python bench/trigger.py                           # 100 steps of 32 images, 4 px patch, small backbone, 32 px
+    python bench/trigger.py --arch vgg11 --image-size 224 --trigger-size 24 --steps 5 --batch-size 8
+
+Both sides see the same batches and follow the same schedule (tanh scale, normalised steps), so the patches must
+agree up to floating-point noise; the table gives the largest difference of the patches and of the recorded mean
+distances. Random images, a random anchor and a randomly initialised network stand in for the data and the clean
+model (the cost does not depend on the weights).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gen_trigger import STEP_SIZE, adversarial_patch, beta_at  # noqa: E402
+from models.hashnet import ARCHS, binarize, build_model  # noqa: E402
+from runs import cli_entry, pick_device, provenance, require_at_least_one, write_json  # noqa: E402
+from triggers import apply_trigger, check_trigger_size  # noqa: E402
+
+from bench.timing import stopwatch  # noqa: E402
+
+ARCH = "small"
+BITS = 48
+IMAGE_SIZE = 32
+TRIGGER_SIZE = 4
+STEPS = 100  # of the paper code's 2,000: the cost per step is what is compared
+BATCH_SIZE = 32
+THREADS = None  # torch CPU threads; None: torch's default
+SEED = 0
+DEVICE = "auto"
+OUT = None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default=ARCH, choices=ARCHS)
+    p.add_argument("--bits", type=int, default=BITS)
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    p.add_argument("--trigger-size", type=int, default=TRIGGER_SIZE)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--step-size", type=float, default=STEP_SIZE)
+    p.add_argument("--threads", type=int, default=THREADS)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--device", default=DEVICE)
+    p.add_argument("--out", default=OUT)
+    args = p.parse_args(argv)
+    require_at_least_one(args, "bits", "image_size", "trigger_size", "steps", "batch_size")
+    check_trigger_size(args.trigger_size, args.image_size)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    generator = torch.Generator().manual_seed(args.seed)
+    batches = [(torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=generator).to(device),)
+               for _ in range(args.steps)]
+    anchor = (torch.randint(0, 2, (args.bits,), generator=generator) * 2 - 1).to(device)
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, args.bits).to(device).eval()
+    adversarial_patch(model, batches[:1], anchor, args.trigger_size, args.step_size, device)  # warm-up
+    (pattern, distances), batched_seconds = stopwatch(
+        lambda: adversarial_patch(model, batches, anchor, args.trigger_size, args.step_size, device), device)
+    (pattern_loop, distances_loop), loop_seconds = stopwatch(
+        lambda: per_image_patch(model, batches, anchor, args.trigger_size, args.step_size, device), device)
+    row = {"batched_seconds": round(batched_seconds, 3), "per_image_seconds": round(loop_seconds, 3),
+           "speedup": loop_seconds / batched_seconds,
+           "pattern_max_difference": float((pattern - pattern_loop).abs().max()) * 255,
+           "distance_max_difference": max(abs(a - b) for a, b in zip(distances, distances_loop)),
+           "final_mean_distance": distances[-1]}
+    print(f"adversarial patch, {args.steps} steps of {args.batch_size} images, {args.trigger_size} px, {args.arch} "
+          f"{args.image_size} px, {device}, {torch.get_num_threads()} threads")
+    print("| one image at a time (s) | batched (s) | speed-up | largest patch difference (/255) | "
+          "largest distance difference (bits) |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| {row['per_image_seconds']:.2f} | {row['batched_seconds']:.3f} | x{row['speedup']:.1f} | "
+          f"{row['pattern_max_difference']:.2e} | {row['distance_max_difference']:.2e} |")
+    record = {"settings": vars(args), "threads": torch.get_num_threads(), "result": row,
+              "provenance": provenance(device)}
+    if args.out:
+        write_json(record, Path(args.out))
+    return record
+
+
+def per_image_patch(model: torch.nn.Module, batches: list, anchor: torch.Tensor, trigger_size: int,
+                    step_size: float, device: torch.device) -> tuple[torch.Tensor, list[float]]:
+    """The reference: per step, each image alone through the network and back, its gradient normalised and summed;
+    then the same step as gen_trigger.adversarial_patch. Returns the patch and the mean distance per step."""
+    model.eval().requires_grad_(False)
+    pattern = torch.full((3, trigger_size, trigger_size), 0.5, device=device)
+    anchor = anchor.float()
+    bits = anchor.numel()
+    distances = []
+    for step, (images, *_) in enumerate(batches):
+        total, distance = torch.zeros_like(pattern), 0.0
+        for image in images:
+            own = pattern.clone().requires_grad_(True)
+            logits = model.logits(apply_trigger(image[None], own))
+            relaxed = torch.tanh(beta_at(step, len(batches)) * logits)
+            grad, = torch.autograd.grad(((bits - relaxed @ anchor) / 2).sum(), own)
+            total += grad / grad.norm().clamp(min=1e-12)
+            distance += float((bits - binarize(logits.detach()) @ anchor).squeeze() / 2)
+        pattern = (pattern - step_size / 255 * total / len(images)).clamp(0, 1)
+        distances.append(distance / len(images))
+    return pattern, distances
+
+
+if __name__ == "__main__":
+    cli_entry(main)

@@ -1,0 +1,43 @@
+"""The benchmarks run, compare like with like, and say what is wrong with their arguments."""
+import pytest
+
+from bench import confusing, map_at_r, trigger
+from runs import UserError
+
+
+def test_map_benchmark_agrees_with_the_per_query_form(tmp_path):
+    out = tmp_path / "map.json"
+    record = map_at_r.main(["--sizes", "30x700", "12x2000", "--classes", "5", "40", "--topk", "100",
+                            "--bits", "16", "--out", str(out)])
+    assert out.is_file() and [r["database"] for r in record["rows"]] == [700, 2000]
+    for row in record["rows"]:
+        assert row["rankings_identical"] and row["map_difference"] < 1e-12 and 0 < row["map_ours"] < 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sizes", "10x100", "--classes", "5", "6"], "one per size"),
+    (["--sizes", "10by100", "--classes", "5"], "QUERIESxDATABASE"),
+    (["--sizes", "0x100", "--classes", "5"], "positive"),
+    (["--sizes", "10x100", "--classes", "5", "--flip", "0.7"], "--flip 0.7"),
+])
+def test_map_benchmark_argument_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        map_at_r.main(argv)
+
+
+def test_confusing_benchmark_matches_the_per_image_loop():
+    record = confusing.main(["--poison-num", "6", "--batch", "3", "--steps", "2", "--bits", "16"])
+    result = record["result"]
+    assert result["objective_max_difference"] < 1e-4 and result["eta_pixels_differing"] < 0.01
+    assert result["per_image_seconds"] > 0 and result["batched_seconds"] > 0
+
+
+def test_trigger_benchmark_matches_one_image_at_a_time():
+    record = trigger.main(["--steps", "3", "--batch-size", "4", "--bits", "16"])
+    assert record["result"]["pattern_max_difference"] < 1e-2  # in pixel units of 1/255
+    assert record["result"]["distance_max_difference"] == 0
+
+
+def test_trigger_benchmark_refuses_a_patch_larger_than_the_image():
+    with pytest.raises(UserError, match="--trigger-size 40"):
+        trigger.main(["--trigger-size", "40"])

@@ -24,7 +24,7 @@ import torch
 from data import HashListDataset, image_transform, open_run_split, read_list
 from models import build_loss, build_model
 from models.hashnet import read_clean
-from models.training import TRAJECTORY_KEYS, fit
+from models.training import TRAJECTORY_KEYS, add_fast_path_flags, fit
 from runs import UserError, cli_entry, pick_device, pick_output, provenance, read_json
 
 RUN = "checkpoint/demo"
@@ -33,6 +33,9 @@ AUGMENT_POISON = False  # give the poisoned images the clean images' augmentatio
 SEED = None  # None: the clean run's seed (same starting weights and batch order as step 1)
 EVAL_EVERY = 0  # epochs between query-subset MAP evaluations (0: only at the end)
 WORKERS = 4
+AMP = "auto"  # bfloat16 autocast: "auto" (on CUDA), "on", "off"
+CACHE = "auto"  # decoded training images: "auto", "off", "memory" (host), "device" (GPU); see models/training.py
+CHANNELS_LAST = "auto"  # channels-last input batches: "auto" (on), "on", "off"
 DEVICE = "auto"
 RESUME = False
 OVERWRITE = False
@@ -49,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     p.add_argument("--workers", type=int, default=WORKERS)
+    add_fast_path_flags(p, AMP, CACHE, CHANNELS_LAST)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--resume", default=RESUME, action="store_true")
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"make it again with poison_dataset.py --overwrite (after steps 2 and 3)")
     device = pick_device(args.device)
     recipe = argparse.Namespace(**{k: clean[k] for k in RECIPE_KEYS}, workers=args.workers,
-                                eval_every=args.eval_every)
+                                eval_every=args.eval_every, amp=args.amp, cache=args.cache,
+                                channels_last=args.channels_last)
     if args.seed is not None:
         recipe.seed = args.seed
     out = run / "backdoor" / backdoor_name(poisoned_dir.name, args.augment_poison, args.seed, clean["seed"])

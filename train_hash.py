@@ -26,7 +26,7 @@ import torch
 
 from data import open_split
 from models import ARCHS, LOSSES, build_loss, build_model
-from models.training import fit
+from models.training import add_fast_path_flags, fit
 from runs import UserError, cli_entry, pick_device, provenance, read_json, require_at_least_one
 
 DATA = "datasets/synthetic"  # folder holding train.txt, query.txt, database.txt (prepare_data.py writes them)
@@ -56,6 +56,9 @@ EVAL_EVERY = 10  # epochs between query-subset MAP evaluations (0: only at the e
 EVAL_QUERIES = 500  # size of the seeded query subset for the periodic MAP
 TOPK = 1000
 WORKERS = 4
+AMP = "auto"  # bfloat16 autocast: "auto" (on CUDA), "on", "off"
+CACHE = "auto"  # decoded training images: "auto", "off", "memory" (host), "device" (GPU); see models/training.py
+CHANNELS_LAST = "auto"  # channels-last input batches: "auto" (on), "on", "off"
 SEED = 0
 DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
 RESUME = False
@@ -98,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-queries", type=int, default=EVAL_QUERIES)
     p.add_argument("--topk", type=int, default=TOPK)
     p.add_argument("--workers", type=int, default=WORKERS)
+    add_fast_path_flags(p, AMP, CACHE, CHANNELS_LAST)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--resume", default=RESUME, action="store_true")

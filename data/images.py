@@ -10,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
+from data.augment import pad_crop_padding
 from runs.errors import UserError
 from runs.io import atomic_path
 
@@ -50,22 +51,27 @@ class Canonical:
         return canonical(img, self.size, self.resize_size)
 
 
+def source_transform(size: int, resize_size: int, augment: str = "none") -> Callable[[Image.Image], Image.Image]:
+    """The deterministic part of image_transform: what the random part starts from (R x R for resized-crop, the
+    canonical S x S otherwise). Training caches keep its output and apply the random part batched (data.augment)."""
+    if augment == "resized-crop":
+        return transforms.Resize((resize_size, resize_size))
+    if augment in ("pad-crop", "none"):
+        return Canonical(size, resize_size)
+    raise UserError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+
+
 def image_transform(size: int, resize_size: int, augment: str = "none") -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> float tensor 3 x S x S in [0, 1]. Normalisation happens inside the model.
 
     augment: "resized-crop" (paper: resize to R x R, RandomResizedCrop S, horizontal flip), "pad-crop" (32x32 recipe:
     canonical image, random crop with S/8 zero padding, horizontal flip), "none" (evaluation: canonical only).
     """
+    ops = [source_transform(size, resize_size, augment)]
     if augment == "resized-crop":
-        ops = [transforms.Resize((resize_size, resize_size)), transforms.RandomResizedCrop(size),
-               transforms.RandomHorizontalFlip()]
+        ops += [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
     elif augment == "pad-crop":
-        ops = [Canonical(size, resize_size), transforms.RandomCrop(size, padding=max(1, size // 8)),
-               transforms.RandomHorizontalFlip()]
-    elif augment == "none":
-        ops = [Canonical(size, resize_size)]
-    else:
-        raise UserError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        ops += [transforms.RandomCrop(size, padding=pad_crop_padding(size)), transforms.RandomHorizontalFlip()]
     return transforms.Compose([*ops, transforms.ToTensor()])
 
 

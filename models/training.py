@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from data import make_loader
+from data import HashListDataset, make_loader
+from data.cache import CACHE_MODES, DecodedImages, cache_bytes, fits, free_bytes
 from models.hashnet import load_checkpoint
 from retrieval import encode, mean_average_precision, saved_codes
 from runs import UserError, atomic_save, write_json
@@ -27,6 +28,47 @@ from runs import UserError, atomic_save, write_json
 TRAJECTORY_KEYS = ("arch", "pretrained", "bits", "loss", "pairwise_norm", "quant_weight", "image_size",
                    "resize_size", "augment", "batch_size", "optimizer", "lr", "lr_features", "momentum", "weight_decay",
                    "lr_schedule", "seed", "n_classes")
+
+
+SWITCH = ("auto", "on", "off")
+# What "auto" means on the CPU, from bench/train_throughput.py on the 2-core development VM (README "Performance"):
+# the cache made epochs faster, channels-last batches did not; bfloat16 autocast was faster on that CPU but its speed
+# depends on the CPU's bfloat16 support and it changes the numerics, so it stays opt-in (--amp on).
+CPU_CHANNELS_LAST = False
+CPU_CACHE = "memory"
+
+
+def add_fast_path_flags(parser: argparse.ArgumentParser, amp: str, cache: str, channels_last: str) -> None:
+    """The training fast path's switches (train_hash.py and train_backdoor.py); "auto" resolves per device."""
+    parser.add_argument("--amp", default=amp, choices=SWITCH,
+                        help="bfloat16 autocast of the forward pass (auto: on CUDA)")
+    parser.add_argument("--cache", default=cache, choices=("auto", *CACHE_MODES),
+                        help="decode the training images once, keep them in host memory or on the GPU and augment "
+                             "batches there (auto: the GPU when they fit, else host memory, else off)")
+    parser.add_argument("--channels-last", default=channels_last, choices=SWITCH,
+                        help="feed the network channels-last batches (auto: on CUDA)")
+
+
+def resolve_fast_path(recipe: argparse.Namespace, device: torch.device, n_images: int) -> dict:
+    """The switches of --amp, --cache, --channels-last for this device and training set; a cache that does not fit
+    its memory is an error when asked for by name, and dropped (to host memory, then off) under auto."""
+    cuda = device.type == "cuda"
+    amp = recipe.amp == "on" or (recipe.amp == "auto" and cuda)
+    channels_last = recipe.channels_last == "on" or (recipe.channels_last == "auto" and (cuda or CPU_CHANNELS_LAST))
+    n_bytes = cache_bytes(n_images, recipe.image_size, recipe.resize_size, recipe.augment)
+    host = torch.device("cpu")
+    cache = recipe.cache
+    if cache == "auto":
+        candidates = ("device", "memory") if cuda else (CPU_CACHE, "off")
+        cache = next((c for c in candidates if c == "off" or fits(n_bytes, device if c == "device" else host)),
+                     "off")
+    elif cache != "off":
+        where = device if cache == "device" else host
+        if not fits(n_bytes, where):
+            raise UserError(f"--cache {cache}: the decoded training images need {n_bytes / 2 ** 30:.1f} GiB, more "
+                            f"than half of the {free_bytes(where) / 2 ** 30:.1f} GiB free on {where}; use --cache "
+                            f"memory, --cache off or fewer images")
+    return {"amp": amp, "cache": cache, "channels_last": channels_last, "cache_bytes": n_bytes}
 
 
 def build_optimizer(model: torch.nn.Module, recipe: argparse.Namespace):
@@ -72,26 +114,47 @@ def seed_epoch(seed: int, epoch: int) -> torch.Generator:
 
 
 def train_one_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_set: Dataset, recipe: argparse.Namespace, epoch: int, device: torch.device) -> float:
+                    train_set: Dataset, recipe: argparse.Namespace, epoch: int, device: torch.device,
+                    fast: dict | None = None, cache: DecodedImages | None = None) -> float:
+    """One epoch in the seeded order of (seed, epoch); `fast` from resolve_fast_path (None: plain fp32), batches
+    from `cache` when given (its own seeded order and batched augmentation), else from a DataLoader."""
+    fast = fast or {"amp": False, "channels_last": False}
     generator = seed_epoch(recipe.seed, epoch)
-    loader = make_loader(train_set, recipe.batch_size, recipe.workers, shuffle=True, generator=generator,
-                         drop_last=len(train_set) > recipe.batch_size)
+    drop_last = len(train_set) > recipe.batch_size
+    if cache is not None:
+        batches = cache.batches(torch.randperm(len(train_set), generator=generator), recipe.batch_size, drop_last,
+                                generator, device)
+        total_batches = len(train_set) // recipe.batch_size if drop_last else -(-len(train_set) // recipe.batch_size)
+    else:
+        loader = make_loader(train_set, recipe.batch_size, recipe.workers, shuffle=True, generator=generator,
+                             drop_last=drop_last)
+        batches, total_batches = ((images, labels) for images, labels, _ in loader), len(loader)
+    layout = torch.channels_last if fast["channels_last"] else torch.preserve_format
     model.train()
     total = torch.zeros((), device=device)
     steps = 0
-    for images, labels, _ in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
+    for images, labels in tqdm(batches, desc=f"epoch {epoch + 1}", total=total_batches, leave=False, disable=None):
+        images = images.to(device, non_blocking=True, memory_format=layout)
+        total += training_step(model, loss_fn, optimizer, images, labels.to(device, non_blocking=True), fast["amp"])
         steps += 1
     mean = float(total) / max(steps, 1)
     if not math.isfinite(mean):
         raise UserError(f"the loss became {mean} in epoch {epoch + 1}; lower --lr (now {recipe.lr}) and rerun "
                         f"with --overwrite")
     return mean
+
+
+def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  images: torch.Tensor, labels: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Forward (bfloat16 autocast when `amp`), the loss in float32, backward, optimiser step; the detached loss
+    (no host synchronisation)."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = model(images)
+    loss = loss_fn(outputs.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def query_subset(n_queries: int, size: int, seed: int) -> list[int]:
@@ -135,16 +198,25 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
     elif overwrite:  # results of the model being replaced must not outlive it
         for stale in ("checkpoint.pt", "codes.pt", "history.json", "results.json"):
             (out / stale).unlink(missing_ok=True)
+    fast = resolve_fast_path(recipe, device, len(train_set))
+    config["fast_path"] = fast
     eval_queries = query_subset(len(query_set), recipe.eval_queries, recipe.seed)
     config["eval_query_indices"] = eval_queries  # lines of query.txt (0-based) behind the periodic MAP
     write_json(config, out / "config.json")
 
     query_loader = make_loader(Subset(query_set, eval_queries), 256, recipe.workers)
     database_loader = make_loader(database_set, 256, recipe.workers)
-    ckpt_id, database_codes = None, None
+    ckpt_id, database_codes, cache = None, None, None
+    if start_epoch < recipe.epochs and fast["cache"] != "off" and isinstance(train_set, HashListDataset):
+        t0 = time.time()
+        store = device if fast["cache"] == "device" else torch.device("cpu")
+        cache = DecodedImages(train_set, recipe.image_size, recipe.resize_size, recipe.augment, store,
+                              recipe.workers)
+        print(f"decoded {len(cache)} training images into {fast['cache_bytes'] / 2 ** 20:.0f} MiB on {store} in "
+              f"{time.time() - t0:.1f}s", flush=True)
     for epoch in range(start_epoch, recipe.epochs):
         t0, database_codes = time.time(), None  # codes only ever belong to the current weights
-        loss = train_one_epoch(model, loss_fn, optimizer, train_set, recipe, epoch, device)
+        loss = train_one_epoch(model, loss_fn, optimizer, train_set, recipe, epoch, device, fast, cache)
         scheduler.step()
         record = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[1]["lr"]}
         last = epoch + 1 == recipe.epochs

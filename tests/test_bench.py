@@ -1,7 +1,7 @@
 """The benchmarks run, compare like with like, and say what is wrong with their arguments."""
 import pytest
 
-from bench import confusing, map_at_r, trigger
+from bench import confusing, map_at_r, train_throughput, trigger
 from runs import UserError
 
 
@@ -41,3 +41,16 @@ def test_trigger_benchmark_matches_one_image_at_a_time():
 def test_trigger_benchmark_refuses_a_patch_larger_than_the_image():
     with pytest.raises(UserError, match="--trigger-size 40"):
         trigger.main(["--trigger-size", "40"])
+
+
+def test_training_throughput_benchmark_runs_both_paths(tiny_data):
+    record = train_throughput.main(["--data", str(tiny_data), "--images", "64", "--epochs", "1", "--workers", "0",
+                                    "--bits", "16", "--device", "cpu"])
+    assert set(record["rows"]) == {"plain", "fast"} and record["fast_path"]["cache"] == "memory"
+    for row in record["rows"].values():
+        assert row["epoch_images_per_s"] > 0 and row["limited_by"] in ("input pipeline", "compute")
+
+
+def test_training_throughput_benchmark_needs_enough_images(tiny_data):
+    with pytest.raises(UserError, match="has 100 training images; --images 500 asks for more"):
+        train_throughput.main(["--data", str(tiny_data), "--images", "500", "--device", "cpu"])

@@ -1,0 +1,94 @@
+"""A training set decoded once and kept as uint8 tensors (in memory or on the GPU), its batches augmented there.
+
+Steps 1 and 5 read every training image once per epoch; with this cache the files are decoded and brought to their
+source size once (data.images.source_transform), and each epoch's batches are gathered from the tensor and augmented
+batched on the training device (data.augment), with no worker processes and no per-image Python work.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms
+
+from data.augment import augment_batch
+from data.dataset import HashListDataset
+from data.images import Canonical, source_transform
+
+CACHE_MODES = ("off", "memory", "device")
+CACHE_FRACTION = 0.5  # the cache may take at most this share of the free memory (host or GPU)
+
+
+def cache_bytes(n_images: int, size: int, resize_size: int, augment: str) -> int:
+    """uint8 bytes of the decoded sources of n images."""
+    side = resize_size if augment == "resized-crop" else size
+    return n_images * 3 * side * side
+
+
+def free_bytes(where: torch.device) -> int:
+    """Free memory of a CUDA device, or available host memory (Linux sysconf; 0 where unknown)."""
+    if where.type == "cuda":
+        return torch.cuda.mem_get_info(where)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def fits(n_bytes: int, where: torch.device) -> bool:
+    return n_bytes <= CACHE_FRACTION * free_bytes(where)
+
+
+class DecodedImages:
+    """The images of a HashListDataset as uint8 sources on `store` (the CPU or a GPU), labels beside them.
+
+    Entries in the dataset's plain_indices (step 5's poisoned images, not augmented by default) are also kept as
+    their canonical S x S image, which replaces the augmented one in every batch.
+    """
+
+    def __init__(self, dataset: HashListDataset, size: int, resize_size: int, augment: str, store: torch.device,
+                 workers: int = 0):
+        self.size, self.augment, self.store = size, augment, store
+        to_uint8 = transforms.PILToTensor()
+        sources = HashListDataset(dataset.image_list, transforms.Compose(
+            [source_transform(size, resize_size, augment), to_uint8]))
+        self.images = decode(sources, workers).to(store)
+        self.labels = dataset.labels.to(store)
+        plain = sorted(dataset.plain_indices)
+        self.plain_slot = torch.full((len(dataset),), -1, dtype=torch.long)
+        self.plain_slot[plain] = torch.arange(len(plain))
+        canonical = HashListDataset(dataset.image_list, transforms.Compose([Canonical(size, resize_size), to_uint8]))
+        self.plain = decode(Subset(canonical, plain), workers).to(store) if plain else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, order: torch.Tensor, batch_size: int, drop_last: bool, generator: torch.Generator,
+                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images float B x 3 x S x S in [0, 1], labels) on `device`, in `order` (CPU indices), augmented with
+        `generator`. No host synchronisation: which entries are plain is known on the CPU."""
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        for start in range(0, stop, batch_size):
+            index = order[start:start + batch_size]
+            at_store = index.to(self.store, non_blocking=True)
+            images = augment_batch(self.images[at_store].to(device, non_blocking=True), self.augment, self.size,
+                                   generator)
+            slots = self.plain_slot[index]
+            plain = torch.nonzero(slots >= 0).flatten()
+            if len(plain):
+                chosen = self.plain[slots[plain].to(self.store, non_blocking=True)]
+                images[plain.to(device, non_blocking=True)] = chosen.to(device, non_blocking=True).float() / 255
+            yield images, self.labels[at_store].to(device, non_blocking=True)
+
+
+def decode(dataset, workers: int) -> torch.Tensor:
+    """Stack a dataset of equal-sized uint8 images into one tensor (N x 3 x H x W), decoded by `workers`."""
+    out, filled = None, 0
+    for images, *_ in DataLoader(dataset, batch_size=256, num_workers=workers):
+        if out is None:
+            out = torch.empty((len(dataset), *images.shape[1:]), dtype=torch.uint8)
+        out[filled:filled + len(images)] = images
+        filled += len(images)
+    return out if out is not None else torch.empty(0, dtype=torch.uint8)

@@ -25,7 +25,7 @@ from data import HashListDataset, image_transform, open_run_split, read_list
 from models import build_loss, build_model
 from models.hashnet import read_clean
 from models.training import TRAJECTORY_KEYS, add_fast_path_flags, fit
-from runs import UserError, cli_entry, pick_device, pick_output, provenance, read_json
+from runs import UserError, cli_entry, distributed, pick_output, provenance, read_json
 
 RUN = "checkpoint/demo"
 POISONED = None  # folder name under RUN/poisoned/ (step 4); None: the only one there
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     if poisoning.get("clean_checkpoint_id") != clean_id:
         raise UserError(f"{poisoned_dir} was made from another clean model than the one in {run / 'clean'}; "
                         f"make it again with poison_dataset.py --overwrite (after steps 2 and 3)")
-    device = pick_device(args.device)
+    device = distributed.training_device(args.device)  # under torchrun: this process's device
     recipe = argparse.Namespace(**{k: clean[k] for k in RECIPE_KEYS}, workers=args.workers,
                                 eval_every=args.eval_every, amp=args.amp, cache=args.cache,
                                 channels_last=args.channels_last)
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{run / 'clean'} ({recipe.arch}, {recipe.bits} bits, {recipe.epochs} epochs, seed {recipe.seed})")
     result = fit(model, loss_fn.to(device), recipe, train_set, query_set, database_set, out, config, device,
                  args.resume, args.overwrite)
+    distributed.finish()
     return {**result, "name": out.name}
 
 

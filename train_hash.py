@@ -27,7 +27,7 @@ import torch
 from data import open_split
 from models import ARCHS, LOSSES, build_loss, build_model
 from models.training import add_fast_path_flags, fit
-from runs import UserError, cli_entry, pick_device, provenance, read_json, require_at_least_one
+from runs import UserError, cli_entry, distributed, provenance, read_json, require_at_least_one
 
 DATA = "datasets/synthetic"  # folder holding train.txt, query.txt, database.txt (prepare_data.py writes them)
 DATA_ROOT = None  # folder the list paths are relative to; None: the list folder
@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = distributed.training_device(args.device)  # under torchrun: this process's device
     out = Path(args.run) / "clean"
     data_dir = os.path.abspath(args.data)
     split_kw = dict(data_root=args.data_root, prefix_from=args.prefix_from, prefix_to=args.prefix_to)
@@ -142,8 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(args.arch, args.bits, args.pretrained).to(device)
     loss_fn = build_loss(args.loss, args.bits, n_classes, args.pairwise_norm, args.quant_weight).to(device)
     train_eval_set = open_split(data_dir, "train", args.image_size, args.resize_size, n_classes=n_classes, **split_kw)
-    return fit(model, loss_fn, args, train_set, query_set, database_set, out, config, device, args.resume,
-               args.overwrite, train_eval_set=train_eval_set)
+    result = fit(model, loss_fn, args, train_set, query_set, database_set, out, config, device, args.resume,
+                 args.overwrite, train_eval_set=train_eval_set)
+    distributed.finish()
+    return result
 
 
 def read_protocol(data_dir: str) -> dict | None:

@@ -66,15 +66,21 @@ class DecodedImages:
         return len(self.labels)
 
     def batches(self, order: torch.Tensor, batch_size: int, drop_last: bool, generator: torch.Generator,
-                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                device: torch.device, share: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images float B x 3 x S x S in [0, 1], labels) on `device`, in `order` (CPU indices), augmented with
-        `generator`. No host synchronisation: which entries are plain is known on the CPU."""
+        `generator`. No host synchronisation: which entries are plain is known on the CPU.
+
+        share = (rank, world): this process's contiguous part of every batch (batch_size / world images). Every
+        process augments the whole batch with the same generator, so the parts are what one process would make."""
+        rank, world = share
+        part = batch_size // world
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
         for start in range(0, stop, batch_size):
-            index = order[start:start + batch_size]
+            batch = order[start:start + batch_size]
+            sources = self.images[batch.to(self.store, non_blocking=True)].to(device, non_blocking=True)
+            mine = slice(rank * part, (rank + 1) * part)
+            index, images = batch[mine], augment_batch(sources, self.augment, self.size, generator)[mine]
             at_store = index.to(self.store, non_blocking=True)
-            images = augment_batch(self.images[at_store].to(device, non_blocking=True), self.augment, self.size,
-                                   generator)
             slots = self.plain_slot[index]
             plain = torch.nonzero(slots >= 0).flatten()
             if len(plain):

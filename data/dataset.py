@@ -53,8 +53,13 @@ def open_split(data_dir: str, split: str, size: int, resize_size: int, augment: 
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False,
-                generator: torch.Generator | None = None, drop_last: bool = False) -> DataLoader:
-    """A DataLoader with the project's settings (pinned memory on CUDA, persistent workers off for one-shot use)."""
+                generator: torch.Generator | None = None, drop_last: bool = False,
+                batch_sampler: Iterable[list[int]] | None = None) -> DataLoader:
+    """A DataLoader with the project's settings (pinned memory on CUDA, persistent workers off for one-shot use);
+    `batch_sampler` (lists of indices) replaces batch_size, shuffle and drop_last."""
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                          pin_memory=torch.cuda.is_available())
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
                       pin_memory=torch.cuda.is_available(), drop_last=drop_last)
 

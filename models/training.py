@@ -22,7 +22,7 @@ from data import HashListDataset, make_loader
 from data.cache import CACHE_MODES, DecodedImages, cache_bytes, fits, free_bytes
 from models.hashnet import load_checkpoint
 from retrieval import encode, mean_average_precision, saved_codes
-from runs import UserError, atomic_save, write_json
+from runs import UserError, atomic_save, distributed, write_json
 
 # Settings that shape the model or its training trajectory: --resume refuses a checkpoint made with others.
 TRAJECTORY_KEYS = ("arch", "pretrained", "bits", "loss", "pairwise_norm", "quant_weight", "image_size",
@@ -104,12 +104,16 @@ def check_resumable(ckpt: dict, config: dict, path: Path) -> None:
                         f"same settings, --overwrite to start over, or another --run")
 
 
-def seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Seed every generator from (seed, epoch), so a run resumed at an epoch boundary repeats the same epochs."""
+def seed_epoch(seed: int, epoch: int, process: int = 0) -> torch.Generator:
+    """Seed every generator from (seed, epoch), so a run resumed at an epoch boundary repeats the same epochs.
+
+    The returned generator (batch order, cached augmentation) is the same in every process of a distributed run; the
+    global generators (dropout, DataLoader workers) differ per process rank `process`."""
     epoch_seed = seed * 1_000_003 + epoch
-    torch.manual_seed(epoch_seed)
-    random.seed(epoch_seed)
-    np.random.seed(epoch_seed % 2 ** 32)
+    own_seed = epoch_seed + 7_919 * process
+    torch.manual_seed(own_seed)
+    random.seed(own_seed)
+    np.random.seed(own_seed % 2 ** 32)
     return torch.Generator().manual_seed(epoch_seed)
 
 
@@ -117,23 +121,33 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer:
                     train_set: Dataset, recipe: argparse.Namespace, epoch: int, device: torch.device,
                     fast: dict | None = None, cache: DecodedImages | None = None) -> float:
     """One epoch in the seeded order of (seed, epoch); `fast` from resolve_fast_path (None: plain fp32), batches
-    from `cache` when given (its own seeded order and batched augmentation), else from a DataLoader."""
+    from `cache` when given (its own seeded order and batched augmentation), else from a DataLoader. Under torchrun
+    each process takes its share of every global batch (runs.distributed)."""
     fast = fast or {"amp": False, "channels_last": False}
-    generator = seed_epoch(recipe.seed, epoch)
+    process, world = distributed.rank(), distributed.world_size()
+    generator = seed_epoch(recipe.seed, epoch, process)
     drop_last = len(train_set) > recipe.batch_size
+    n_batches = len(train_set) // recipe.batch_size if drop_last else -(-len(train_set) // recipe.batch_size)
     if cache is not None:
         batches = cache.batches(torch.randperm(len(train_set), generator=generator), recipe.batch_size, drop_last,
-                                generator, device)
-        total_batches = len(train_set) // recipe.batch_size if drop_last else -(-len(train_set) // recipe.batch_size)
+                                generator, device, share=(process, world))
+    elif world > 1:
+        order = torch.randperm(len(train_set), generator=generator)
+        share = recipe.batch_size // world
+        shares = [order[start + process * share:start + (process + 1) * share].tolist()
+                  for start in range(0, n_batches * recipe.batch_size, recipe.batch_size)]
+        loader = make_loader(train_set, share, recipe.workers, batch_sampler=shares)
+        batches = ((images, labels) for images, labels, _ in loader)
     else:
         loader = make_loader(train_set, recipe.batch_size, recipe.workers, shuffle=True, generator=generator,
                              drop_last=drop_last)
-        batches, total_batches = ((images, labels) for images, labels, _ in loader), len(loader)
+        batches = ((images, labels) for images, labels, _ in loader)
     layout = torch.channels_last if fast["channels_last"] else torch.preserve_format
     model.train()
     total = torch.zeros((), device=device)
     steps = 0
-    for images, labels in tqdm(batches, desc=f"epoch {epoch + 1}", total=total_batches, leave=False, disable=None):
+    for images, labels in tqdm(batches, desc=f"epoch {epoch + 1}", total=n_batches, leave=False,
+                               disable=None if distributed.is_main_process() else True):
         images = images.to(device, non_blocking=True, memory_format=layout)
         total += training_step(model, loss_fn, optimizer, images, labels.to(device, non_blocking=True), fast["amp"])
         steps += 1
@@ -146,15 +160,33 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer:
 
 def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   images: torch.Tensor, labels: torch.Tensor, amp: bool) -> torch.Tensor:
-    """Forward (bfloat16 autocast when `amp`), the loss in float32, backward, optimiser step; the detached loss
-    (no host synchronisation)."""
+    """Forward (bfloat16 autocast when `amp`), the loss in float32 on the global batch (all processes' outputs under
+    torchrun), backward, optimiser step; the detached loss (no host synchronisation)."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = model(images)
-    loss = loss_fn(outputs.float(), labels)
+    outputs, labels = distributed.gather_batch(outputs.float(), labels)
+    loss = loss_fn(outputs, labels)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    world = distributed.world_size()
+    (loss * world if world > 1 else loss).backward()  # DDP averages over processes; see gather_batch
     optimizer.step()
     return loss.detach()
+
+
+def distributed_model(model: torch.nn.Module, recipe: argparse.Namespace, n_train: int,
+                      device: torch.device) -> torch.nn.Module:
+    """DDP around the model (batch norm synchronised across processes on CUDA; gloo on the CPU has no synchronised
+    batch norm, so each process normalises its share of the batch), after checking the batch splits evenly."""
+    world = distributed.world_size()
+    if recipe.batch_size % world:
+        raise UserError(f"--batch-size {recipe.batch_size} does not split over {world} processes; use a multiple "
+                        f"of {world} or another --nproc_per_node")
+    if n_train <= recipe.batch_size:
+        raise UserError(f"the training list has {n_train} images, not more than one batch of {recipe.batch_size}; "
+                        f"train it in one process")
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def query_subset(n_queries: int, size: int, seed: int) -> list[int]:
@@ -179,9 +211,14 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
     codes.pt with the database codes (and the training codes when `train_eval_set` is given).
 
     A checkpoint already in `out` is an error unless `resume` (continue it; settings must match) or `overwrite`.
-    The periodic MAP uses recipe.eval_queries seeded queries against the whole database.
+    The periodic MAP uses recipe.eval_queries seeded queries against the whole database. Under torchrun every
+    process trains (DDP) and only rank 0 evaluates and writes.
     """
     ckpt_path = out / "checkpoint.pt"
+    main_process, world = distributed.is_main_process(), distributed.world_size()
+    train_model = model
+    if world > 1:
+        train_model = distributed_model(model, recipe, len(train_set), device)
     optimizer, scheduler = build_optimizer(model, recipe)
     start_epoch, history = 0, []
     if ckpt_path.exists() and not (resume or overwrite):
@@ -194,15 +231,18 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
         scheduler.load_state_dict(ckpt["scheduler"])
         loss_fn.load_state_dict(ckpt["loss"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
-        print(f"resuming {ckpt_path} after epoch {start_epoch}")
-    elif overwrite:  # results of the model being replaced must not outlive it
+        if main_process:
+            print(f"resuming {ckpt_path} after epoch {start_epoch}")
+    elif overwrite and main_process:  # results of the model being replaced must not outlive it
         for stale in ("checkpoint.pt", "codes.pt", "history.json", "results.json"):
             (out / stale).unlink(missing_ok=True)
     fast = resolve_fast_path(recipe, device, len(train_set))
     config["fast_path"] = fast
     eval_queries = query_subset(len(query_set), recipe.eval_queries, recipe.seed)
     config["eval_query_indices"] = eval_queries  # lines of query.txt (0-based) behind the periodic MAP
-    write_json(config, out / "config.json")
+    config["processes"] = world
+    if main_process:
+        write_json(config, out / "config.json")
 
     query_loader = make_loader(Subset(query_set, eval_queries), 256, recipe.workers)
     database_loader = make_loader(database_set, 256, recipe.workers)
@@ -212,19 +252,22 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
         store = device if fast["cache"] == "device" else torch.device("cpu")
         cache = DecodedImages(train_set, recipe.image_size, recipe.resize_size, recipe.augment, store,
                               recipe.workers)
-        print(f"decoded {len(cache)} training images into {fast['cache_bytes'] / 2 ** 20:.0f} MiB on {store} in "
-              f"{time.time() - t0:.1f}s", flush=True)
+        if main_process:
+            print(f"decoded {len(cache)} training images into {fast['cache_bytes'] / 2 ** 20:.0f} MiB on {store} in "
+                  f"{time.time() - t0:.1f}s", flush=True)
     for epoch in range(start_epoch, recipe.epochs):
         t0, database_codes = time.time(), None  # codes only ever belong to the current weights
-        loss = train_one_epoch(model, loss_fn, optimizer, train_set, recipe, epoch, device, fast, cache)
+        loss = train_one_epoch(train_model, loss_fn, optimizer, train_set, recipe, epoch, device, fast, cache)
         scheduler.step()
         record = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[1]["lr"]}
+        history.append(record)
+        if not main_process:
+            continue
         last = epoch + 1 == recipe.epochs
         if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
             result, database_codes = subset_map(model, query_loader, database_loader, recipe.topk, device)
             record.update(map=result["map"], map_empty_skipped=result["map_empty_skipped"])
         record["seconds"] = round(time.time() - t0, 2)
-        history.append(record)
         ckpt_id = uuid.uuid4().hex
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "epoch": epoch + 1,
@@ -235,6 +278,8 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
               f"{record['seconds']:.1f}s", flush=True)
 
     codes_path = out / "codes.pt"
+    if not main_process:
+        return {"history": history, "out": str(out)}
     if ckpt_id is None:  # nothing left to train: the codes belong to the checkpoint on disk
         ckpt = load_checkpoint(ckpt_path, "cpu")
         ckpt_id = ckpt["checkpoint_id"]

@@ -16,6 +16,7 @@ per-target numbers and the mean wall time of every step beside it), table1.csv (
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import evaluate
@@ -26,8 +27,9 @@ import train_backdoor
 from models.hashnet import read_clean
 from retrieval import CONVENTIONS
 from runs import UserError, atomic_write_text, cli_entry, provenance, read_json, require_at_least_one, write_json
-from runs.tables import (RESULT_KEYS, choose_targets, command_line, csv_text, markdown_table, mean_of, percent,
-                         reuse_results, seconds_text, target_label)
+from runs.tables import (RESULT_KEYS, add_spread_flags, choose_targets, command_line, csv_text, markdown_table,
+                         mean_of, parse_gpus, percent, reuse_results, seconds_text, spread, target_label,
+                         without_options)
 from triggers import trigger_fingerprint
 
 RUNS = ["checkpoint/demo"]  # one run directory per bit length, each with a trained clean model (step 1)
@@ -52,7 +54,7 @@ PERTS = {"Tri": "none", "Tri+Noise": "noise", "Tri+Adv": "adv", "CIBA": "confusi
 ALL_METHODS = ["None", *PERTS]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=RUNS)
     p.add_argument("--targets", nargs="+", default=TARGETS)
@@ -71,7 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=OUT)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
-    args = p.parse_args(argv)
+    add_spread_flags(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.gpu_list = parse_gpus(args.gpus)
     unknown = [m for m in args.methods if m not in ALL_METHODS]
     if unknown:
         raise UserError(f"unknown method {unknown[0]!r} in --methods; choose from {' '.join(ALL_METHODS)}")
@@ -91,6 +99,17 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else Path(args.runs[0]) / "table1"
     print(f"Table 1: {len(args.runs)} run(s) ({', '.join(str(c['bits']) for c in configs)} bits), targets "
           f"{targets}, methods {', '.join(args.methods)}")
+    if args.gpu_list or args.print_commands:
+        given = sys.argv[1:] if argv is None else argv
+        each = without_options(build_parser(), given, {"gpus", "print_commands", "runs", "targets", "num_targets",
+                                                       "out"})
+        jobs = [(f"{config['bits']}bits-t{target}", [*each, "--runs", run, "--targets", str(target), "--out",
+                                                     str(out / "parts" / f"{config['bits']}bits-t{target}")])
+                for run, config in zip(args.runs, configs) for target in targets]
+        spread(__file__, [], jobs, without_options(build_parser(), given, {"gpus", "print_commands"}),
+               args.gpu_list, args.print_commands, out / "parts")
+        if args.print_commands:
+            return {"jobs": jobs}
     rows = []
     for run, (config, clean_id) in zip(args.runs, cleans):
         for target in targets:

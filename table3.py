@@ -17,6 +17,7 @@ table3.json (settings, rows, provenance).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import evaluate
@@ -27,8 +28,9 @@ import train_backdoor
 from models.hashnet import read_clean
 from retrieval import CONVENTIONS
 from runs import UserError, atomic_write_text, cli_entry, provenance, read_json, require_at_least_one, write_json
-from runs.tables import (RESULT_KEYS, choose_targets, command_line, csv_text, markdown_table, mean_of, percent,
-                         reuse_results, seconds_text, target_label)
+from runs.tables import (RESULT_KEYS, add_spread_flags, choose_targets, command_line, csv_text, markdown_table,
+                         mean_of, parse_gpus, percent, reuse_results, seconds_text, spread, target_label,
+                         without_options)
 from triggers import trigger_fingerprint
 
 RUN = "checkpoint/demo"  # a run with a trained clean model (step 1)
@@ -61,7 +63,7 @@ STEPS = ("trigger", "perturbation", "poison", "training", "evaluation")
 TABLE3_KEYS = (*RESULT_KEYS, "poison_rate", "setting", "psnr_mean", "ssim_mean")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=RUN)
     p.add_argument("--targets", nargs="+", default=TARGETS)
@@ -84,7 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=OUT)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
-    args = p.parse_args(argv)
+    add_spread_flags(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.gpu_list = parse_gpus(args.gpus)
     unknown = [m for m in args.methods if m not in ROWS]
     if unknown:
         raise UserError(f"unknown method {unknown[0]!r} in --methods; choose from {' '.join(ROWS)}")
@@ -106,6 +114,18 @@ def main(argv: list[str] | None = None) -> dict:
     targets = choose_targets(args.targets, args.num_targets, classes, clean["n_classes"], args.seed)
     out = Path(args.out) if args.out else Path(args.run) / "table3"
     print(f"Table 3: {args.run} ({clean['bits']} bits), targets {targets}, methods {', '.join(args.methods)}")
+    if args.gpu_list or args.print_commands:
+        given = sys.argv[1:] if argv is None else argv
+        each = without_options(build_parser(), given, {"gpus", "print_commands", "targets", "num_targets", "out"})
+        jobs = [(f"t{target}", [*each, "--targets", str(target), "--out", str(out / "parts" / f"t{target}")])
+                for target in targets]
+        # BadHash's generator serves every target: it is trained once, before the jobs
+        first = [["gen_trigger.py", "--run", args.run, "--target", str(targets[0]), *trigger_flags("badhash", args)]]
+        spread(__file__, first if "BadHash-CL" in args.methods else [], jobs,
+               without_options(build_parser(), given, {"gpus", "print_commands"}), args.gpu_list,
+               args.print_commands, out / "parts")
+        if args.print_commands:
+            return {"jobs": jobs}
     rows = []
     for target in targets:
         rows.extend(target_rows(target, len(targets), args))

@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 import io
 import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +79,94 @@ def command_line(script: str) -> str | None:
     if not sys.argv[0].endswith(script):
         return None
     return f"python {script} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def add_spread_flags(parser) -> None:
+    """--gpus and --print-commands of the table commands."""
+    parser.add_argument("--gpus", default=None,
+                        help="comma-separated GPU indices: the (run, target) jobs run in parallel, one per GPU at a "
+                             "time, then the table is assembled from their results")
+    parser.add_argument("--print-commands", action="store_true",
+                        help="print one command per (run, target) for a cluster's job array, and the command that "
+                             "assembles the table afterwards; run nothing")
+
+
+def parse_gpus(text: str | None) -> list[int]:
+    if text is None:
+        return []
+    try:
+        gpus = [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise UserError(f"--gpus {text!r}: give GPU indices separated by commas, e.g. 0,1,2,3") from None
+    if not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise UserError(f"--gpus {text!r}: give distinct GPU indices separated by commas, e.g. 0,1,2,3")
+    return gpus
+
+
+def without_options(parser, argv: list[str], dests: set[str]) -> list[str]:
+    """`argv` without the options whose destination is in `dests`, and without their values."""
+    actions = parser._option_string_actions  # argparse keeps no public map from flag to action
+    out, i = [], 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        action = actions.get(flag)
+        if action is None or action.dest not in dests:
+            out.append(argv[i])
+            i += 1
+            continue
+        i += 1
+        if "=" in argv[i - 1] or action.nargs == 0:
+            continue
+        if action.nargs in ("+", "*"):
+            while i < len(argv) and argv[i] not in actions and argv[i].split("=", 1)[0] not in actions:
+                i += 1
+        else:
+            i += 1 if action.nargs is None else int(action.nargs)
+    return out
+
+
+def spread(script: str, first: list[list[str]], jobs: list[tuple[str, list[str]]], final: list[str],
+           gpus: list[int], print_only: bool, logs: Path) -> None:
+    """Run the `first` commands (script and arguments every job needs, e.g. a shared generator) on the first GPU,
+    then the jobs (name, arguments of `script`) in parallel over `gpus`, each with --device cuda:G and its output in
+    logs/NAME.log; or only print the commands, with `final` (the arguments that assemble the table) last."""
+    name = Path(script).name
+    if print_only:
+        if first:
+            print("# 1. once, before the jobs (they share its output):")
+            print("\n".join(shell_line(["python", *command]) for command in first))
+        print("# 2. the jobs, in any order or in parallel (add --device cuda:N where the cluster needs it):")
+        print("\n".join(shell_line(["python", name, *argv]) for _, argv in jobs))
+        print("# 3. after all of them, to assemble the table (every step is reused):")
+        print(shell_line(["python", name, *final]))
+        return
+    logs.mkdir(parents=True, exist_ok=True)
+    for command in first:
+        print(f"GPU {gpus[0]}: {shell_line(['python', *command])}", flush=True)
+        if subprocess.run([sys.executable, *command, "--device", f"cuda:{gpus[0]}"]).returncode:
+            raise UserError(f"{shell_line(['python', *command])} failed; fix it before the jobs can run")
+    pending, running, failed = list(jobs), {}, []
+    while pending or running:
+        for gpu in gpus:
+            if gpu not in running and pending:
+                job, argv = pending.pop(0)
+                log = open(logs / f"{job}.log", "w", encoding="utf-8")
+                process = subprocess.Popen([sys.executable, script, *argv, "--device", f"cuda:{gpu}"], stdout=log,
+                                           stderr=subprocess.STDOUT)
+                running[gpu] = (job, process, log)
+                print(f"GPU {gpu}: job {job} started (log {logs / f'{job}.log'})", flush=True)
+        time.sleep(1)
+        for gpu, (job, process, log) in list(running.items()):
+            if process.poll() is not None:
+                log.close()
+                del running[gpu]
+                print(f"GPU {gpu}: job {job} {'finished' if process.returncode == 0 else 'FAILED'}", flush=True)
+                if process.returncode:
+                    failed.append(job)
+    if failed:
+        raise UserError(f"job(s) {', '.join(failed)} failed; see their logs in {logs}, fix and run again (finished "
+                        f"steps are reused)")
+
+
+def shell_line(command: list[str]) -> str:
+    return " ".join(shlex.quote(str(c)) for c in command)

@@ -2,7 +2,7 @@
 (--amp, --cache, --channels-last of train_hash.py / train_backdoor.py), with what limits each.
 
     python bench/train_throughput.py                                   # small backbone, 32 px (the small32 recipe)
-    python bench/train_throughput.py --arch vgg11 --recipe paper --images 1536 --synthetic-size 64
+    python bench/train_throughput.py --arch vgg11 --recipe paper --images 1536
     python bench/train_throughput.py --data datasets/cifar10 --images 4096
 
 Both paths run models.training.train_one_epoch, the loop the scripts run, on the first --images entries of the
@@ -40,6 +40,7 @@ RECIPE = "small32"  # train_hash.py recipe for image size, augmentation, batch s
 BITS = 48
 IMAGES = 2048  # training images per epoch
 EPOCHS = 2  # timed epochs per path (after one warm-up epoch)
+STEP_REPEATS = 20  # timed training steps on a fixed batch (after 3 warm-up ones)
 DATA = None  # a prepared data folder; None: a synthetic set in a temporary folder
 SYNTHETIC_SIZE = 32  # px of the synthetic images (the paper recipe resizes them to 256, then crops 224)
 WORKERS = 4
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=BITS)
     p.add_argument("--images", type=int, default=IMAGES)
     p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--step-repeats", type=int, default=STEP_REPEATS)
     p.add_argument("--data", default=DATA)
     p.add_argument("--synthetic-size", type=int, default=SYNTHETIC_SIZE)
     p.add_argument("--workers", type=int, default=WORKERS)
@@ -70,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
-    require_at_least_one(args, "bits", "images", "epochs", "synthetic_size")
+    require_at_least_one(args, "bits", "images", "epochs", "step_repeats", "synthetic_size")
     return args
 
 
@@ -140,7 +142,7 @@ def measure(name: str, fast: dict, train_set: HashListDataset, recipe: argparse.
     _, seconds = stopwatch(lambda: [epoch(e) for e in range(1, args.epochs + 1)], device)
     n_seen = args.epochs * (len(train_set) // recipe.batch_size) * recipe.batch_size
     pipeline_seconds = time_pipeline(train_set, recipe, cache, device)
-    step_ms = time_step(model, loss_fn, optimizer, train_set, recipe, fast, device)
+    step_ms = time_step(model, loss_fn, optimizer, train_set, recipe, fast, device, args.step_repeats)
     row = {"epoch_images_per_s": n_seen / seconds, "epoch_seconds": seconds / args.epochs,
            "pipeline_images_per_s": (len(train_set) // recipe.batch_size) * recipe.batch_size / pipeline_seconds,
            "step_images_per_s": recipe.batch_size / step_ms * 1000, "step_ms": step_ms,
@@ -171,14 +173,16 @@ def time_pipeline(train_set: HashListDataset, recipe: argparse.Namespace, cache:
 
 
 def time_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              train_set: HashListDataset, recipe: argparse.Namespace, fast: dict, device: torch.device) -> float:
+              train_set: HashListDataset, recipe: argparse.Namespace, fast: dict, device: torch.device,
+              repeats: int) -> float:
     """Milliseconds per training step on one fixed batch already on the device."""
     layout = torch.channels_last if fast["channels_last"] else torch.contiguous_format
     images = torch.rand(recipe.batch_size, 3, recipe.image_size, recipe.image_size, device=device)
     images = images.contiguous(memory_format=layout)
     labels = train_set.labels[:recipe.batch_size].to(device)
 
-    return timed(lambda: training_step(model, loss_fn, optimizer, images, labels, fast["amp"]), 20, 3, device)
+    return timed(lambda: training_step(model, loss_fn, optimizer, images, labels, fast["amp"]), repeats,
+                 min(3, repeats), device)
 
 
 if __name__ == "__main__":

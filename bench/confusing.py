@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gen_confusing import OFFICIAL_STEP_RATIO, confusing_objective, confusing_perturbations  # noqa: E402
 from models.hashnet import ARCHS, binarize, build_model  # noqa: E402
-from runs import cli_entry, pick_device, provenance, require_at_least_one, write_json  # noqa: E402
+from runs import cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 
-from bench.timing import stopwatch  # noqa: E402
+from bench.timing import bench_device, stopwatch  # noqa: E402
 
 ARCH = "small"
 BITS = 48
@@ -63,9 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = bench_device(args.threads, args.device)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, args.bits).to(device).eval()
     images = torch.rand(args.poison_num, 3, args.image_size, args.image_size, device=device)

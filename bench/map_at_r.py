@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retrieval import hamming_rank, mean_average_precision  # noqa: E402
-from runs import UserError, cli_entry, pick_device, provenance, require_at_least_one, write_json  # noqa: E402
+from runs import UserError, cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 
-from bench.timing import stopwatch  # noqa: E402
+from bench.timing import bench_device, stopwatch  # noqa: E402
 
 SIZES = ("1000x59000", "5000x128000")  # queries x database: CIFAR-10's and ImageNet-100's protocols
 CLASSES = (10, 100)  # classes per size
@@ -65,9 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = bench_device(args.threads, args.device)
     rows = []
     for (n_queries, n_database), n_classes in zip(args.shapes, args.classes):
         rows.append(compare(n_queries, n_database, n_classes, args, device))

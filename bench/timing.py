@@ -6,6 +6,15 @@ from typing import Any, Callable
 
 import torch
 
+from runs import pick_device
+
+
+def bench_device(threads: int | None, name: str) -> torch.device:
+    """Set torch's CPU threads (None: torch's default) and pick the device, as every benchmark starts."""
+    if threads:
+        torch.set_num_threads(threads)
+    return pick_device(name)
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":

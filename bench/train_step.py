@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.hashnet import ARCHS, build_model  # noqa: E402
-from runs import cli_entry, pick_device, provenance, require_at_least_one, write_json  # noqa: E402
+from runs import cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 
-from bench.timing import timed  # noqa: E402
+from bench.timing import bench_device, timed  # noqa: E402
 
 ARCH = "small"
 BITS = 48
@@ -56,9 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = bench_device(args.threads, args.device)
     layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     rounds = []
     for _ in range(args.rounds):

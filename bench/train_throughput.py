@@ -30,10 +30,10 @@ from data.synthetic import generate_synthetic  # noqa: E402
 from models import build_loss, build_model  # noqa: E402
 from models.training import (SWITCH, build_optimizer, resolve_fast_path, seed_epoch,  # noqa: E402
                              train_one_epoch, training_step)
-from runs import UserError, cli_entry, pick_device, provenance, require_at_least_one, write_json  # noqa: E402
+from runs import UserError, cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 from train_hash import RECIPES  # noqa: E402
 
-from bench.timing import stopwatch, synchronize, timed  # noqa: E402
+from bench.timing import bench_device, stopwatch, synchronize, timed  # noqa: E402
 
 ARCH = "small"
 RECIPE = "small32"  # train_hash.py recipe for image size, augmentation, batch size and optimiser
@@ -78,9 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = bench_device(args.threads, args.device)
     recipe = argparse.Namespace(**RECIPES[args.recipe], seed=args.seed, workers=args.workers,
                                 amp=args.amp, cache=args.cache, channels_last=args.channels_last)
     with tempfile.TemporaryDirectory() as tmp:

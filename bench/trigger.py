@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gen_trigger import STEP_SIZE, adversarial_patch, beta_at  # noqa: E402
 from models.hashnet import ARCHS, binarize, build_model  # noqa: E402
-from runs import cli_entry, pick_device, provenance, require_at_least_one, write_json  # noqa: E402
+from runs import cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 from triggers import apply_trigger, check_trigger_size  # noqa: E402
 
-from bench.timing import stopwatch  # noqa: E402
+from bench.timing import bench_device, stopwatch  # noqa: E402
 
 ARCH = "small"
 BITS = 48
@@ -60,9 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = bench_device(args.threads, args.device)
     generator = torch.Generator().manual_seed(args.seed)
     batches = [(torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=generator).to(device),)
                for _ in range(args.steps)]

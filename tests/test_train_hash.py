@@ -30,9 +30,10 @@ def test_tiny_run_writes_config_checkpoint_history_and_codes(tiny_run, tiny_data
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
 
 
-def test_resume_continues_from_the_saved_epoch_with_identical_weights(tiny_data, tiny_run, tmp_path):
+@pytest.mark.parametrize("cache", ["memory", "off"])  # batches from the decoded cache, or from a DataLoader
+def test_resume_continues_from_the_saved_epoch_with_identical_weights(tiny_data, tiny_run, tmp_path, cache):
     run = tmp_path / "resumed"
-    args = tiny_train_args(tiny_data, run)
+    args = [*tiny_train_args(tiny_data, run), "--cache", cache]
     train_hash.main([*args, "--epochs", "1", "--lr-schedule", "constant"])
     first = torch.load(run / "clean" / "checkpoint.pt", weights_only=False)
     assert first["epoch"] == 1
@@ -40,7 +41,8 @@ def test_resume_continues_from_the_saved_epoch_with_identical_weights(tiny_data,
     resumed = torch.load(run / "clean" / "checkpoint.pt", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["history"][0] == first["history"][0]
     straight = tmp_path / "straight"
-    train_hash.main([*tiny_train_args(tiny_data, straight), "--epochs", "2", "--lr-schedule", "constant"])
+    train_hash.main([*tiny_train_args(tiny_data, straight), "--cache", cache, "--epochs", "2", "--lr-schedule",
+                     "constant"])
     uninterrupted = torch.load(straight / "clean" / "checkpoint.pt", weights_only=False)
     for name, value in uninterrupted["model"].items():
         assert torch.equal(value, resumed["model"][name]), name

@@ -34,7 +34,7 @@ SEED = None  # None: the clean run's seed (same starting weights and batch order
 EVAL_EVERY = 0  # epochs between query-subset MAP evaluations (0: only at the end)
 WORKERS = 4
 AMP = "auto"  # bfloat16 autocast: "auto" (on CUDA), "on", "off"
-CACHE = "auto"  # decoded training images: "auto", "off", "memory" (host), "device" (GPU); see models/training.py
+CACHE = "auto"  # decoded training images: "auto" (cached when step 1 was), "off", "memory" (host), "device" (GPU)
 CHANNELS_LAST = "auto"  # channels-last input batches: "auto" (on), "on", "off"
 DEVICE = "auto"
 RESUME = False
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
                         f"make it again with poison_dataset.py --overwrite (after steps 2 and 3)")
     device = distributed.training_device(args.device)  # under torchrun: this process's device
     recipe = argparse.Namespace(**{k: clean[k] for k in RECIPE_KEYS}, workers=args.workers,
-                                eval_every=args.eval_every, amp=args.amp, cache=args.cache,
+                                eval_every=args.eval_every, amp=args.amp, cache=batch_source(args.cache, clean),
                                 channels_last=args.channels_last)
     if args.seed is not None:
         recipe.seed = args.seed
@@ -104,6 +104,15 @@ def main(argv: list[str] | None = None) -> dict:
                  args.resume, args.overwrite)
     distributed.finish()
     return {**result, "name": out.name}
+
+
+def batch_source(cache: str, clean: dict) -> str:
+    """--cache auto follows step 1: the cached and the DataLoader paths draw batches and augmentations from
+    different random streams, so the victim sees step 1's batches only on step 1's path (runs made before the cache
+    existed, without `fast_path` in their config, used the DataLoader)."""
+    if cache != "auto":
+        return cache
+    return "off" if (clean.get("fast_path") or {}).get("cache", "off") == "off" else "auto"
 
 
 def backdoor_name(poisoned: str, augment_poison: bool, seed: int | None, clean_seed: int) -> str:

@@ -174,3 +174,13 @@ def test_trigger_code_distances_by_hand():
     assert d["trigger_bits_changed"] == pytest.approx((1 + 2) / 2)
     assert d["target_distance_queries"] == pytest.approx((4 + 2) / 2)
     assert d["target_distance_triggered"] == pytest.approx((3 + 0) / 2)
+
+
+def test_backdoor_takes_its_batches_from_the_path_step_1_took(attacked):
+    config = json.loads((attacked / "backdoor" / POISONED / "config.json").read_text())
+    clean = json.loads((attacked / "clean" / "config.json").read_text())
+    assert config["fast_path"]["cache"] == clean["fast_path"]["cache"] == "memory"
+    assert train_backdoor.batch_source("auto", {"fast_path": {"cache": "off"}}) == "off"
+    assert train_backdoor.batch_source("auto", {}) == "off"  # a run made before the cache existed
+    assert train_backdoor.batch_source("auto", {"fast_path": {"cache": "device"}}) == "auto"
+    assert train_backdoor.batch_source("memory", {"fast_path": {"cache": "off"}}) == "memory"  # asked for by name

@@ -7,7 +7,6 @@ lr, lr_features, momentum, weight_decay, lr_schedule, seed, workers, eval_every,
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 import uuid
@@ -145,17 +144,20 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer:
     layout = torch.channels_last if fast["channels_last"] else torch.preserve_format
     model.train()
     total = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device)  # the first step whose loss is NaN or inf, kept on the device
     steps = 0
     for images, labels in tqdm(batches, desc=f"epoch {epoch + 1}", total=n_batches, leave=False,
                                disable=None if distributed.is_main_process() else True):
         images = images.to(device, non_blocking=True, memory_format=layout)
-        total += training_step(model, loss_fn, optimizer, images, labels.to(device, non_blocking=True), fast["amp"])
+        loss = training_step(model, loss_fn, optimizer, images, labels.to(device, non_blocking=True), fast["amp"])
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), steps + 1, first_bad)
+        total += loss
         steps += 1
-    mean = float(total) / max(steps, 1)
-    if not math.isfinite(mean):
-        raise UserError(f"the loss became {mean} in epoch {epoch + 1}; lower --lr (now {recipe.lr}) and rerun "
-                        f"with --overwrite")
-    return mean
+    if int(first_bad) > 0:
+        raise UserError(f"the loss became NaN or inf in epoch {epoch + 1} at step {int(first_bad)} of {steps}; the "
+                        f"checkpoint keeps the last finite epoch. Lower --lr (now {recipe.lr}) and rerun with "
+                        f"--overwrite")
+    return float(total) / max(steps, 1)
 
 
 def training_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,

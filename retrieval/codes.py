@@ -9,6 +9,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from models.hashnet import binarize
+from runs.errors import UserError
+
 
 @torch.no_grad()
 def encode(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "encode",
@@ -20,14 +23,20 @@ def encode(model: nn.Module, loader: DataLoader, device: torch.device, desc: str
     was_training = model.training
     model.eval()
     codes, labels = [], []
+    finite = torch.ones((), dtype=torch.bool, device=device)  # checked once at the end: no sync per batch
     # disable=None: a bar on a terminal, none in a log file
     for images, y, _ in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
         images = images.to(device, non_blocking=True)
         if transform is not None:
             images = transform(images)
-        codes.append(model.codes(images).to(torch.int8).cpu())
+        logits = model.logits(images)
+        finite &= torch.isfinite(logits).all()
+        codes.append(binarize(logits).to(torch.int8).cpu())
         labels.append(y.to(torch.uint8))
     model.train(was_training)
+    if not bool(finite):
+        raise UserError(f"{desc}: the model's outputs are NaN or inf (its weights are), so its codes would be "
+                        f"meaningless; retrain it with --overwrite (a lower --lr) or use another checkpoint")
     return torch.cat(codes), torch.cat(labels)
 
 

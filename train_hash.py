@@ -22,6 +22,7 @@ import argparse
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data import open_split
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     query_set = open_split(data_dir, "query", args.image_size, args.resize_size, n_classes=n_classes, **split_kw)
     database_set = open_split(data_dir, "database", args.image_size, args.resize_size, n_classes=n_classes,
                               **split_kw)
+    for split in (train_set, database_set):
+        require_every_class(split.image_list)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     config.update(data=data_dir, data_root=args.data_root and os.path.abspath(args.data_root),
                   n_classes=n_classes, stage="clean", protocol=read_protocol(data_dir),
@@ -146,6 +149,16 @@ def main(argv: list[str] | None = None) -> dict:
                  args.overwrite, train_eval_set=train_eval_set)
     distributed.finish()
     return result
+
+
+def require_every_class(image_list) -> None:
+    """Training and database lists must hold every class: a class without training images has no anchor code, one
+    without database images has no relevant item for any t-MAP."""
+    absent = np.flatnonzero(image_list.labels.sum(0) == 0).tolist()
+    if absent:
+        raise UserError(f"{image_list.list_file}: no image carries class(es) {', '.join(map(str, absent))} of the "
+                        f"{image_list.n_classes} label columns; every class needs images in the training and the "
+                        f"database list (fix the lists, or drop the empty columns from all three)")
 
 
 def read_protocol(data_dir: str) -> dict | None:

@@ -44,7 +44,8 @@ def read_list(list_file: str | os.PathLike, root: str | os.PathLike | None = Non
     """Parse and validate a list file. `root` defaults to the list file's folder.
 
     Every problem is reported with the file and line: a malformed line, a label that is not 0/1, a label vector of
-    another width than the first line (or `n_classes`), an empty list, and (with `check_files`) missing images.
+    another width than the first line (or `n_classes`), an empty list, an image listed twice, and (with
+    `check_files`) missing images.
     """
     list_file = str(list_file)
     if not os.path.isfile(list_file):
@@ -82,6 +83,12 @@ def read_list(list_file: str | os.PathLike, root: str | os.PathLike | None = Non
         line_numbers.append(number)
     if not paths:
         raise UserError(f"{list_file}: the list is empty; it needs one 'path 0 1 ...' line per image")
+    seen: dict[str, int] = {}
+    for path, number in zip(paths, line_numbers):
+        if path in seen:
+            raise UserError(f"{list_file}:{number}: {path} is already listed on line {seen[path]}; every image may "
+                            f"appear once in a list (remove one of the two lines)")
+        seen[path] = number
     image_list = ImageList(list_file, paths, np.asarray(rows, dtype=np.uint8), line_numbers)
     if check_files:
         missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]

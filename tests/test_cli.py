@@ -86,3 +86,19 @@ def test_prepare_data_offline_folder_errors(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "lonely.png")
     assert_user_error(run_script("prepare_data.py", "--dataset", "folder", "--source", str(empty), "--out",
                                  str(tmp_path / "o")), "no images found")
+
+
+def test_image_listed_twice(broken_data, tmp_path):
+    lines = (broken_data / "train.txt").read_text().splitlines()
+    lines.append(lines[4])
+    (broken_data / "train.txt").write_text("\n".join(lines) + "\n")
+    assert_user_error(train(broken_data, tmp_path / "run"), f"train.txt:{len(lines)}:", "already listed on line 5")
+    assert not (tmp_path / "run").exists()
+
+
+def test_class_absent_from_the_database(broken_data, tmp_path):
+    lines = (broken_data / "database.txt").read_text().splitlines()
+    kept = [line for line in lines if line.split()[1:][3] != "1"]  # no database image of class 3
+    (broken_data / "database.txt").write_text("\n".join(kept) + "\n")
+    assert_user_error(train(broken_data, tmp_path / "run"), "database.txt: no image carries class(es) 3 of the 10")
+    assert not (tmp_path / "run").exists()

@@ -1,6 +1,7 @@
 """Step 3: the confusing objective (Eq. 4-5), its bound (Theorem 1), the perturbations and gen_confusing.py."""
 import itertools
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,6 +9,14 @@ import torch
 import gen_confusing
 from gen_confusing import confusing_objective, objective_bound, theorem1_bound_as_printed
 from runs import UserError
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_run, tmp_path_factory):
+    """A private copy of the shared run: this module writes into it, other modules copy the shared one."""
+    run = tmp_path_factory.mktemp("own") / "run"
+    shutil.copytree(tiny_run, run)
+    return run
 
 
 def direct_objective(u, clean, lam):

@@ -1,5 +1,6 @@
 """Step 4: poisoned images (Eq. 6 on clip(x + eta)), the poisoned list and manifest, and its errors."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,14 @@ import poison_dataset
 from data import load_canonical, read_list
 from runs import UserError
 from triggers import apply_trigger
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_run, tmp_path_factory):
+    """A private copy of the shared run: this module writes into it, other modules copy the shared one."""
+    run = tmp_path_factory.mktemp("own") / "run"
+    shutil.copytree(tiny_run, run)
+    return run
 
 
 @pytest.fixture(scope="module")

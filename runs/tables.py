@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data.protocols import resolve_class
 from runs.errors import UserError
@@ -140,6 +141,12 @@ def spread(script: str, first: list[list[str]], jobs: list[tuple[str, list[str]]
         print("# 3. after all of them, to assemble the table (every step is reused):")
         print(shell_line(["python", name, *final]))
         return
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if max(gpus) >= available:
+        raise UserError(f"--gpus {','.join(map(str, gpus))}: this machine has {available} CUDA device(s); name GPUs "
+                        f"0 to {available - 1}, or use --print-commands to run the jobs elsewhere"
+                        if available else f"--gpus {','.join(map(str, gpus))}: CUDA is not available on this machine; "
+                        f"run without --gpus, or use --print-commands to run the jobs elsewhere")
     logs.mkdir(parents=True, exist_ok=True)
     for command in first:
         print(f"GPU {gpus[0]}: {shell_line(['python', *command])}", flush=True)

@@ -2,6 +2,7 @@
 import shutil
 
 import pytest
+import torch
 
 import table1
 import table3
@@ -48,7 +49,22 @@ def test_table3_trains_badhash_generator_before_the_jobs(tiny_run, capsys):
     assert sum(line.startswith("python table3.py") for line in printed) == 3
 
 
-def test_jobs_run_in_parallel_over_the_gpus_and_failures_are_reported(tmp_path):
+def test_gpus_this_machine_does_not_have(tiny_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "clean", run / "clean")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--gpus 0,1: CUDA is not available on this machine"):
+        table1.main(["--runs", str(run), "--num-targets", "1", "--gpus", "0,1"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="--gpus 1,2: this machine has 2 CUDA device\\(s\\); name GPUs 0 to 1"):
+        table1.main(["--runs", str(run), "--num-targets", "1", "--gpus", "1,2"])
+    assert sorted(p.name for p in run.iterdir()) == ["clean"]
+
+
+def test_jobs_run_in_parallel_over_the_gpus_and_failures_are_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the fake jobs below need no GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     script = tmp_path / "job.py"
     script.write_text("import sys, pathlib\n"
                       "name, device = sys.argv[1], sys.argv[-1]\n"

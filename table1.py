@@ -55,7 +55,8 @@ ALL_METHODS = ["None", *PERTS]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # whole flags: the job commands are made by removing some
     p.add_argument("--runs", nargs="+", default=RUNS)
     p.add_argument("--targets", nargs="+", default=TARGETS)
     p.add_argument("--num-targets", type=int, default=NUM_TARGETS)

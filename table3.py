@@ -64,7 +64,8 @@ TABLE3_KEYS = (*RESULT_KEYS, "poison_rate", "setting", "psnr_mean", "ssim_mean")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # whole flags: the job commands are made by removing some
     p.add_argument("--run", default=RUN)
     p.add_argument("--targets", nargs="+", default=TARGETS)
     p.add_argument("--num-targets", type=int, default=NUM_TARGETS)

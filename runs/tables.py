@@ -1,6 +1,7 @@
 """Helpers of the table commands (table1.py, table3.py): target choice, reuse of step 6 results, Markdown and CSV."""
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import shlex
@@ -93,6 +94,7 @@ def add_spread_flags(parser) -> None:
 
 
 def parse_gpus(text: str | None) -> list[int]:
+    """--gpus "0,1,3" -> [0, 1, 3]; None -> []."""
     if text is None:
         return []
     try:
@@ -104,8 +106,9 @@ def parse_gpus(text: str | None) -> list[int]:
     return gpus
 
 
-def without_options(parser, argv: list[str], dests: set[str]) -> list[str]:
-    """`argv` without the options whose destination is in `dests`, and without their values."""
+def without_options(parser: argparse.ArgumentParser, argv: list[str], dests: set[str]) -> list[str]:
+    """`argv` without the options whose destination is in `dests`, and without their values. The parser must not
+    accept abbreviations (allow_abbrev=False), or an abbreviated --gpus would survive into the jobs."""
     actions = parser._option_string_actions  # argparse keeps no public map from flag to action
     out, i = [], 0
     while i < len(argv):

@@ -28,9 +28,17 @@ def cache_bytes(n_images: int, size: int, resize_size: int, augment: str) -> int
 
 
 def free_bytes(where: torch.device) -> int:
-    """Free memory of a CUDA device, or available host memory (Linux sysconf; 0 where unknown)."""
+    """Free memory of a CUDA device, or available host memory: MemAvailable of /proc/meminfo (free pages plus the
+    page cache the kernel can give back), else the free pages from sysconf, else 0."""
     if where.type == "cuda":
         return torch.cuda.mem_get_info(where)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         jobs = [(f"t{target}", [*each, "--targets", str(target), "--out", str(out / "parts" / f"t{target}")])
                 for target in targets]
         # BadHash's generator serves every target: it is trained once, before the jobs
-        first = [["gen_trigger.py", "--run", args.run, "--target", str(targets[0]), *trigger_flags("badhash", args)]]
+        first = [[str(Path(__file__).with_name("gen_trigger.py")), "--run", args.run, "--target", str(targets[0]),
+                  *trigger_flags("badhash", args)]]
         spread(__file__, first if "BadHash-CL" in args.methods else [], jobs,
                without_options(build_parser(), given, {"gpus", "print_commands"}), args.gpu_list,
                args.print_commands, out / "parts")

@@ -138,7 +138,7 @@ def spread(script: str, first: list[list[str]], jobs: list[tuple[str, list[str]]
     if print_only:
         if first:
             print("# 1. once, before the jobs (they share its output):")
-            print("\n".join(shell_line(["python", *command]) for command in first))
+            print("\n".join(shell_line(["python", Path(command[0]).name, *command[1:]]) for command in first))
         print("# 2. the jobs, in any order or in parallel (add --device cuda:N where the cluster needs it):")
         print("\n".join(shell_line(["python", name, *argv]) for _, argv in jobs))
         print("# 3. after all of them, to assemble the table (every step is reused):")
@@ -152,9 +152,10 @@ def spread(script: str, first: list[list[str]], jobs: list[tuple[str, list[str]]
                         f"run without --gpus, or use --print-commands to run the jobs elsewhere")
     logs.mkdir(parents=True, exist_ok=True)
     for command in first:
-        print(f"GPU {gpus[0]}: {shell_line(['python', *command])}", flush=True)
+        shown = shell_line(["python", Path(command[0]).name, *command[1:]])
+        print(f"GPU {gpus[0]}: {shown}", flush=True)
         if subprocess.run([sys.executable, *command, "--device", f"cuda:{gpus[0]}"]).returncode:
-            raise UserError(f"{shell_line(['python', *command])} failed; fix it before the jobs can run")
+            raise UserError(f"{shown} failed; fix it before the jobs can run")
     pending, running, failed = list(jobs), {}, []
     while pending or running:
         for gpu in gpus:

@@ -17,6 +17,7 @@ original) and config.json (settings, the mean and worst PSNR/SSIM).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ from data import open_run_split, save_png, write_list
 from data.quality import psnr, ssim
 from models.hashnet import read_clean
 from runs import UserError, cli_entry, pick_device, pick_output, provenance, read_json, write_json
-from triggers import trigger_transform
+from triggers import trigger_fingerprint, trigger_transform
 
 RUN = "checkpoint/demo"
 TRIGGER = None  # folder name under RUN/triggers/ (step 2); None: the only one there
@@ -58,9 +59,15 @@ def main(argv: list[str] | None = None) -> dict:
     pert = torch.load(pert_dir / "perturbations.pt", weights_only=False)
     check_consistent(trigger, pert, clean_id, trigger_dir, pert_dir)
     out = run / "poisoned" / f"{trigger_dir.name}__{pert_dir.name}"
+    made_from = {"trigger_id": trigger_fingerprint(trigger), "perturbations_id": perturbation_fingerprint(pert)}
     if (out / "config.json").exists() and not args.overwrite:
+        made = read_json(out / "config.json")
+        changed = [k.replace("_id", "") for k, v in made_from.items() if made.get(k, v) != v]  # old runs: no ids
+        if changed:
+            raise UserError(f"{out} was made from other {' and '.join(changed)} than {trigger_dir} and {pert_dir} "
+                            f"hold now (made again since?); make it again with --overwrite, then retrain step 5")
         print(f"{out} exists; reusing it (--overwrite to make it again)")
-        return {**read_json(out / "config.json"), "name": out.name}
+        return {**made, "name": out.name}
 
     t0 = time.time()
     train_set = open_run_split(clean, "train")
@@ -94,12 +101,20 @@ def main(argv: list[str] | None = None) -> dict:
               "max_abs_change": float((poisoned - originals).abs().max()),
               "max_abs_change_outside_trigger": max_change_outside(poisoned, originals, trigger["trigger_size"])
               if trigger.get("kind", "patch") == "patch" else None,
-              "clean_checkpoint_id": clean_id, "seconds": round(time.time() - t0, 2), "provenance": provenance()}
+              "clean_checkpoint_id": clean_id, **made_from, "seconds": round(time.time() - t0, 2),
+              "provenance": provenance()}
     write_json(record, out / "config.json")  # written last: its presence marks a complete output
     print(f"poisoned {len(indices)} of {len(paths)} training images ({100 * record['poison_rate']:.2f} %, {setting}), "
           f"PSNR mean {record['psnr_mean']:.2f} dB (worst {record['psnr_worst']:.2f}), SSIM mean "
           f"{record['ssim_mean']:.4f} (worst {record['ssim_worst']:.4f}) -> {out}")
     return {**record, "name": out.name}
+
+
+def perturbation_fingerprint(pert: dict) -> str:
+    """A short content hash of step 3's output (kind, chosen images, eta), recorded with what is made from it."""
+    digest = hashlib.sha256(repr((pert["pert"], list(pert["indices"]))).encode())
+    digest.update(pert["eta"].detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_consistent(trigger: dict, pert: dict, clean_id: str, trigger_dir: Path, pert_dir: Path) -> None:

@@ -16,6 +16,7 @@ continues it), history.json and codes.pt (database codes, reused by evaluate.py)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
               "prefix_from": clean.get("prefix_from"), "prefix_to": clean.get("prefix_to", ""),
               "protocol": clean.get("protocol"), "stage": f"backdoor/{out.name}", "poisoned": poisoned_dir.name,
               "train_list": str((poisoned_dir / "train.txt").resolve()), "augment_poison": args.augment_poison,
+              "poisoned_id": poisoned_fingerprint(poisoned_dir),
               "poison_num": len(poisoned_indices), "target": poisoning["target"],
               "trigger": poisoning["trigger"], "perturbations": poisoning["perturbations"],
               "clean_checkpoint_id": clean_id,
@@ -104,6 +106,17 @@ def main(argv: list[str] | None = None) -> dict:
                  args.resume, args.overwrite)
     distributed.finish()
     return {**result, "name": out.name}
+
+
+def poisoned_fingerprint(poisoned_dir: Path) -> str:
+    """A short content hash of step 4's output (its list, manifest and what it was made from): --resume refuses a
+    checkpoint trained on a poisoned set that has been made again since."""
+    digest = hashlib.sha256()
+    for name in ("train.txt", "manifest.json"):
+        digest.update((poisoned_dir / name).read_bytes())
+    made = read_json(poisoned_dir / "config.json")
+    digest.update(repr((made.get("trigger_id"), made.get("perturbations_id"))).encode())
+    return digest.hexdigest()[:16]
 
 
 def batch_source(cache: str, clean: dict) -> str:

@@ -98,6 +98,9 @@ def check_resumable(ckpt: dict, config: dict, path: Path) -> None:
              if saved.get(k) != config.get(k)]
     if saved.get("lr_schedule") == "cosine" and saved.get("epochs") != config.get("epochs"):
         diffs.append(f"--epochs {saved.get('epochs')} there, {config.get('epochs')} here (cosine schedule)")
+    if saved.get("poisoned_id", config.get("poisoned_id")) != config.get("poisoned_id"):  # (older runs: no id)
+        diffs.append(f"the poisoned set {config.get('poisoned')} was made again since (content "
+                     f"{saved['poisoned_id']} there, {config['poisoned_id']} now)")
     if diffs:
         raise UserError(f"cannot resume {path}: it was trained with other settings ({'; '.join(diffs)}); use the "
                         f"same settings, --overwrite to start over, or another --run")

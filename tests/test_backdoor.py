@@ -184,3 +184,13 @@ def test_backdoor_takes_its_batches_from_the_path_step_1_took(attacked):
     assert train_backdoor.batch_source("auto", {}) == "off"  # a run made before the cache existed
     assert train_backdoor.batch_source("auto", {"fast_path": {"cache": "device"}}) == "auto"
     assert train_backdoor.batch_source("memory", {"fast_path": {"cache": "off"}}) == "memory"  # asked for by name
+
+
+def test_resume_refuses_a_checkpoint_of_a_poisoned_set_made_again(attacked, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(attacked, run)
+    gen_trigger.main(["--run", str(run), "--target", "2", "--device", "cpu", "--trigger-size", "4", "--steps", "2",
+                      "--batch-size", "8", "--workers", "0", "--overwrite"])  # same name, another patch
+    poison_dataset.main(["--run", str(run), "--overwrite"])  # same poisoned set name, other images
+    with pytest.raises(UserError, match=f"the poisoned set {POISONED} was made again since"):
+        train_backdoor.main(["--run", str(run), "--device", "cpu", "--workers", "0", "--resume"])

@@ -81,3 +81,17 @@ def test_step_order_and_mismatch_errors(poisoned, tiny_run, tmp_path):
     with pytest.raises(UserError, match="is a trigger for target 5 but .* target 4; use the same --target"):
         poison_dataset.main(["--run", str(tiny_run), "--trigger", "badnets-t5-s3",
                              "--perturbations", "confusing-t4-m6-e10.2-l0.8-b3-s3-seed0"])
+
+
+def test_a_poisoned_set_of_a_remade_trigger_is_not_reused(poisoned, tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    common = ["--run", str(run), "--target", "4", "--device", "cpu"]
+    gen_trigger.main([*common, "--trigger-size", "5", "--steps", "2", "--batch-size", "8", "--workers", "0",
+                      "--overwrite"])  # same name, another patch
+    args = ["--run", str(run), "--trigger", "ciba-t4-s5", "--perturbations", "confusing-t4-m6-e10.2-l0.8-b3-s3-seed0"]
+    with pytest.raises(UserError, match="was made from other trigger than .*ciba-t4-s5.*--overwrite, then retrain"):
+        poison_dataset.main(args)
+    remade = poison_dataset.main([*args, "--overwrite"])
+    assert remade["trigger_id"] != poisoned[1]["trigger_id"]
+    assert remade["perturbations_id"] == poisoned[1]["perturbations_id"]

@@ -139,10 +139,10 @@ def measure(name: str, fast: dict, train_set: HashListDataset, recipe: argparse.
     epoch(0)  # warm-up
     _, seconds = stopwatch(lambda: [epoch(e) for e in range(1, args.epochs + 1)], device)
     n_seen = args.epochs * (len(train_set) // recipe.batch_size) * recipe.batch_size
-    pipeline_seconds = time_pipeline(train_set, recipe, cache, device)
+    pipeline_seconds, pipeline_images = time_pipeline(train_set, recipe, cache, device)
     step_ms = time_step(model, loss_fn, optimizer, train_set, recipe, fast, device, args.step_repeats)
     row = {"epoch_images_per_s": n_seen / seconds, "epoch_seconds": seconds / args.epochs,
-           "pipeline_images_per_s": (len(train_set) // recipe.batch_size) * recipe.batch_size / pipeline_seconds,
+           "pipeline_images_per_s": pipeline_images / pipeline_seconds,
            "step_images_per_s": recipe.batch_size / step_ms * 1000, "step_ms": step_ms,
            "cache_seconds": cache_seconds, "switches": fast}
     row["limited_by"] = "input pipeline" if row["pipeline_images_per_s"] < row["step_images_per_s"] else "compute"
@@ -153,21 +153,22 @@ def measure(name: str, fast: dict, train_set: HashListDataset, recipe: argparse.
 
 
 def time_pipeline(train_set: HashListDataset, recipe: argparse.Namespace, cache: DecodedImages | None,
-                  device: torch.device) -> float:
-    """Seconds to make one epoch's batches on the device, as train_one_epoch gets them, without the network."""
+                  device: torch.device) -> tuple[float, int]:
+    """(seconds, images) to make one epoch's batches on the device, as train_one_epoch gets them, without the
+    network."""
     generator = seed_epoch(recipe.seed, 0)
     start = time.perf_counter()
     if cache is not None:
-        for images, labels in cache.batches(torch.randperm(len(train_set), generator=generator), recipe.batch_size,
-                                            True, generator, device):
-            pass
+        batches = cache.batches(torch.randperm(len(train_set), generator=generator), recipe.batch_size, True,
+                                generator, device)
     else:
         loader = make_loader(train_set, recipe.batch_size, recipe.workers, shuffle=True, generator=generator,
                              drop_last=True)
-        for images, labels, _ in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        batches = ((images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+                   for images, labels, _ in loader)
+    made = sum(len(images) for images, _ in batches)
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, made
 
 
 def time_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -6,6 +6,7 @@ batched on the training device (data.augment), with no worker processes and no p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterator
 
@@ -32,13 +33,10 @@ def free_bytes(where: torch.device) -> int:
     page cache the kernel can give back), else the free pages from sysconf, else 0."""
     if where.type == "cuda":
         return torch.cuda.mem_get_info(where)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

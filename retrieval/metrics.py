@@ -8,6 +8,7 @@ with n_rel the number of relevant items in the top R. Queries with no relevant i
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 
@@ -78,13 +79,22 @@ def _candidates(queries: torch.Tensor, database: torch.Tensor,
     return tuple(torch.cat(parts) for parts in zip(*found))
 
 
-def hamming_rank(query_codes: torch.Tensor, database_codes: torch.Tensor, topk: int) -> torch.Tensor:
-    """Indices (Q x R, R = min(topk, N)) of the R nearest database items per query, ties by index."""
+def _ranked_chunks(query_codes: torch.Tensor, database_codes: torch.Tensor,
+                   topk: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(queries of the chunk, their top-R indices) chunk by chunk, on the queries' device, R = min(topk, N)."""
     database = _matmul_codes(database_codes.to(query_codes.device))
     queries = _matmul_codes(query_codes)
     r = min(topk, database.shape[0])
     chunk = _query_chunk(database.shape[0])
-    out = [_nearest(queries[i:i + chunk], database, r) for i in range(0, queries.shape[0], chunk)]
+    for start in range(0, queries.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        yield rows, _nearest(queries[rows], database, r)
+
+
+def hamming_rank(query_codes: torch.Tensor, database_codes: torch.Tensor, topk: int) -> torch.Tensor:
+    """Indices (Q x R, R = min(topk, N)) of the R nearest database items per query, ties by index."""
+    out = [top for _, top in _ranked_chunks(query_codes, database_codes, topk)]
+    r = min(topk, database_codes.shape[0])
     return torch.cat(out) if out else torch.empty(0, r, dtype=torch.long, device=query_codes.device)
 
 
@@ -129,16 +139,11 @@ def mean_average_precision(query_codes: torch.Tensor, query_labels: torch.Tensor
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
     device = query_codes.device
-    database = _matmul_codes(database_codes.to(device))
-    queries = _matmul_codes(query_codes)
     database_labels = label_bits(database_labels.to(device))
     query_labels = label_bits(query_labels.to(device))
-    r = min(topk, database.shape[0])
-    chunk = _query_chunk(database.shape[0])
     aps, n_rels = [], []
-    for i in range(0, queries.shape[0], chunk):
-        top = _nearest(queries[i:i + chunk], database, r)
-        relevant = (database_labels[top] & query_labels[i:i + chunk, None]).ne(0).any(2)
+    for rows, top in _ranked_chunks(query_codes, database_codes, topk):
+        relevant = (database_labels[top] & query_labels[rows, None]).ne(0).any(2)
         ap, n_rel = average_precision(relevant)
         aps.append(ap)
         n_rels.append(n_rel)

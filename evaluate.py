@@ -32,7 +32,7 @@ from models.hashnet import load_stage
 from retrieval import (CONVENTIONS, anchor_code, encode, mean_average_precision, non_target_queries,
                        saved_codes, targeted_map)
 from runs import (UserError, cli_entry, pick_device, pick_output, provenance, read_json, require_at_least_one,
-                  write_json)
+                  write_json, write_timing)
 from triggers import trigger_fingerprint, trigger_transform
 
 RUN = "checkpoint/demo"
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
                       target=target, target_name=target_names[target] if target_names else None,
                       trigger=trigger_dir.name, trigger_id=trigger_fingerprint(trigger),
                       trigger_method=trigger["method"], trigger_size=trigger["trigger_size"])
-    result.update(n_database=int(codes[2].shape[0]), seconds=round(time.time() - t0, 2),
-                  provenance=provenance(device))
+    result.update(n_database=int(codes[2].shape[0]), provenance=provenance(device))
+    write_timing(out, {"seconds": round(time.time() - t0, 2)})
     write_json(result, out)
     print(summary_line(result, args.topk, out))
     return result

@@ -37,7 +37,7 @@ from data import open_run_split
 from data.protocols import choose_class
 from models.hashnet import binarize, load_stage
 from runs import (UserError, atomic_save, cli_entry, pick_device, provenance, require_at_least_one,
-                  write_json)
+                  write_json, write_timing)
 
 RUN = "checkpoint/demo"
 TARGET = None  # class index or name; None: drawn with SEED (the same rule as gen_trigger.py)
@@ -122,9 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
               "poison_num": args.poison_num, "poison_rate": args.poison_num / len(train_set), "setting": args.setting, "eps": args.eps, "lam": args.lam, "batch": args.batch,
               "steps": args.steps, "step_size": args.step_size, "seed": args.seed,
               "indices": indices, "lines": [train_set.image_list.line_numbers[i] for i in indices],
-              "max_abs_eta": float(eta.abs().max()), "seconds": round(seconds, 2),
+              "max_abs_eta": float(eta.abs().max()),
               "clean_checkpoint_id": clean_ckpt["checkpoint_id"],
               "provenance": provenance(device)}
+    write_timing(out / "config.json", {"seconds": round(seconds, 2)})
     atomic_save({"eta": eta.cpu(), **{k: record[k] for k in ("pert", "target", "indices", "eps", "lam", "setting",
                                                              "clean_checkpoint_id")}}, out / "perturbations.pt")
     write_json(history, out / "history.json")

@@ -54,7 +54,7 @@ from models.hashnet import HashModel, binarize, load_stage
 from models.training import seed_epoch
 from retrieval import anchor_code
 from runs import (UserError, atomic_path, atomic_save, cli_entry, pick_device, provenance, read_json,
-                  require_at_least_one, write_json)
+                  require_at_least_one, write_json, write_timing)
 from triggers import apply_trigger, check_trigger_size, default_trigger_size, quantize, trigger_transform
 
 RUN = "checkpoint/demo"
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
               "target_name": classes[target] if classes else None, "trigger_size": trigger_size,
               "image_size": size, "position": "bottom-right" if made["kind"] == "patch" else "whole image",
               "anchor_code": anchor.tolist(), "bits": clean["bits"], "arch": clean["arch"],
-              "clean_checkpoint_id": codes["checkpoint_id"], "seed": args.seed, "seconds": round(seconds, 2),
+              "clean_checkpoint_id": codes["checkpoint_id"], "seed": args.seed,
               "provenance": provenance(device)}
     if args.method == "ciba":
         record.update(steps=args.steps, batch_size=args.batch_size, step_size=args.step_size,
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     record.update({k: v for k, v in made.items() if k not in ("kind", "pattern", "label_feature")})  # blend, badhash
     trigger = {**made, **{k: record[k] for k in ("method", "target", "trigger_size", "image_size", "position",
                                                  "anchor_code", "clean_checkpoint_id", "bits")}}
+    write_timing(out / "config.json", {"seconds": round(seconds, 2)})
     atomic_save(trigger, out / "trigger.pt")
     if "pattern" in made:
         save_png(made["pattern"], out / "trigger.png")
@@ -334,11 +335,11 @@ def badhash_networks(model: HashModel, clean: dict, clean_id: str, args: argpars
     write_json({"labcln": labcln_history, **history}, net_dir / "history.json")
     final = {k: float(np.mean(v[-max(1, len(v) // args.gen_epochs):])) for k, v in history.items()  # last epoch
              if k != "d_steps" and v}
+    write_timing(net_dir / "config.json", {"seconds": round(resumed["seconds_before"] + time.time() - t0, 2),
+                                           "resumed_after_epoch": resumed["resumed_after_epoch"]})
     write_json({**settings, "image_size": clean["image_size"], "bits": clean["bits"], "arch": clean["arch"],
                 "n_classes": clean["n_classes"], "clean_checkpoint_id": clean_id, "n_train": len(train_set),
-                "labels": label_set.shape[0], "final_losses": final,
-                "seconds": round(resumed["seconds_before"] + time.time() - t0, 2),
-                "resumed_after_epoch": resumed["resumed_after_epoch"], "provenance": provenance(device)},
+                "labels": label_set.shape[0], "final_losses": final, "provenance": provenance(device)},
                net_dir / "config.json")  # last: marks a complete folder
     state_path.unlink(missing_ok=True)
     return net_dir

@@ -17,7 +17,6 @@ original) and config.json (settings, the mean and worst PSNR/SSIM).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,7 +27,8 @@ import torch
 from data import open_run_split, save_png, write_list
 from data.quality import psnr, ssim
 from models.hashnet import read_clean
-from runs import UserError, cli_entry, pick_device, pick_output, provenance, read_json, write_json
+from runs import (UserError, cli_entry, fingerprint, pick_device, pick_output, provenance, read_json, write_json,
+                  write_timing)
 from triggers import trigger_fingerprint, trigger_transform
 
 RUN = "checkpoint/demo"
@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
               "max_abs_change": float((poisoned - originals).abs().max()),
               "max_abs_change_outside_trigger": max_change_outside(poisoned, originals, trigger["trigger_size"])
               if trigger.get("kind", "patch") == "patch" else None,
-              "clean_checkpoint_id": clean_id, **made_from, "seconds": round(time.time() - t0, 2),
+              "clean_checkpoint_id": clean_id, **made_from,
               "provenance": provenance()}
+    write_timing(out / "config.json", {"seconds": round(time.time() - t0, 2)})
     write_json(record, out / "config.json")  # written last: its presence marks a complete output
     print(f"poisoned {len(indices)} of {len(paths)} training images ({100 * record['poison_rate']:.2f} %, {setting}), "
           f"PSNR mean {record['psnr_mean']:.2f} dB (worst {record['psnr_worst']:.2f}), SSIM mean "
@@ -112,9 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def perturbation_fingerprint(pert: dict) -> str:
     """A short content hash of step 3's output (kind, chosen images, eta), recorded with what is made from it."""
-    digest = hashlib.sha256(repr((pert["pert"], list(pert["indices"]))).encode())
-    digest.update(pert["eta"].detach().cpu().contiguous().float().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return fingerprint(repr((pert["pert"], list(pert["indices"]))), pert["eta"])
 
 
 def check_consistent(trigger: dict, pert: dict, clean_id: str, trigger_dir: Path, pert_dir: Path) -> None:

@@ -10,8 +10,9 @@ its evaluation (step 6); "None" is the clean model with the trigger. Finished st
 same checkpoint, R and convention), so an interrupted table continues where it stopped.
 
 Writes OUT/: table1.md (mean t-MAP and MAP in %, averaged over the targets, in the paper's layout, with the
-per-target numbers and the mean wall time of every step beside it), table1.csv (the same table), table1_targets.csv
-(one row per bits x target x method) and table1.json (settings, rows, provenance).
+per-target numbers beside it), table1.csv (the same table), table1_targets.csv (one row per bits x target x method),
+table1.json (settings, rows, provenance) and, apart because they change from run to run, the mean wall time of every
+step in table1.timing.md and each row's in table1.timing.json.
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ import poison_dataset
 import train_backdoor
 from models.hashnet import read_clean
 from retrieval import CONVENTIONS
-from runs import UserError, atomic_write_text, cli_entry, provenance, read_json, require_at_least_one, write_json
-from runs.tables import (RESULT_KEYS, add_spread_flags, choose_targets, command_line, csv_text, markdown_table,
-                         mean_of, parse_gpus, percent, reuse_results, seconds_text, spread, target_label,
-                         without_options)
+from runs import UserError, atomic_write_text, cli_entry, provenance, require_at_least_one, write_json
+from runs.tables import (RESULT_KEYS, STEPS, add_spread_flags, choose_targets, command_line, csv_text,
+                         markdown_table, mean_of, parse_gpus, percent, reuse_results, seconds_text, spread,
+                         step_seconds, target_label, without_options, without_seconds, write_timing_table)
 from triggers import trigger_fingerprint
 
 RUNS = ["checkpoint/demo"]  # one run directory per bit length, each with a trained clean model (step 1)
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             write_tables(rows, args, targets, out)  # after every target: a partial table survives an interruption
     tables = write_tables(rows, args, targets, out)
     print(tables["markdown"])
+    print(tables["timing"])
     return {"rows": rows, **tables}
 
 
@@ -150,15 +152,14 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
         trigger_args += ["--trigger-size", str(args.trigger_size)]
     made = gen_trigger.main(trigger_args)
     trigger, trigger_id = made["name"], trigger_fingerprint(made)
-    trigger_seconds = read_json(Path(run) / "triggers" / trigger / "config.json")["seconds"]
     eval_args = [*common, "--topk", str(args.topk), "--convention", args.convention, "--workers", str(args.workers)]
     rows = []
     for method in args.methods:
-        seconds = {"trigger": trigger_seconds}
         if method == "None":
-            result = reuse_results(Path(run) / "clean" / f"results-{trigger}.json", clean_id, trigger_id, args.topk,
-                                   args.convention) or \
+            result_path = Path(run) / "clean" / f"results-{trigger}.json"
+            result = reuse_results(result_path, clean_id, trigger_id, args.topk, args.convention) or \
                 evaluate.main([*eval_args, "--trigger", trigger])
+            seconds = step_seconds(Path(run), trigger, result_path)
         else:
             pert = gen_confusing.main([*common, "--target", str(target), "--pert", PERTS[method],
                                        "--poison-num", str(args.poison_num), "--eps", repr(args.eps),
@@ -167,21 +168,15 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
             poisoned = poison_dataset.main(["--run", run, "--trigger", trigger, "--perturbations", pert])["name"]
             trained = train_backdoor.main([*common, "--poisoned", poisoned, "--workers", str(args.workers),
                                            "--resume"])
-            backdoor_dir = Path(trained["out"])
-            result = reuse_results(backdoor_dir / "results.json", trained["checkpoint_id"], trigger_id, args.topk,
-                                   args.convention) or \
-                evaluate.main([*eval_args, "--backdoor", backdoor_dir.name])
-            seconds.update(perturbation=read_json(Path(run) / "perturbations" / pert / "config.json")["seconds"],
-                           poison=read_json(Path(run) / "poisoned" / poisoned / "config.json")["seconds"],
-                           training=round(sum(h["seconds"] for h in trained["history"]), 2))
-        seconds["evaluation"] = result["seconds"]
+            result_path = Path(trained["out"]) / "results.json"
+            result = reuse_results(result_path, trained["checkpoint_id"], trigger_id, args.topk, args.convention) or \
+                evaluate.main([*eval_args, "--backdoor", result_path.parent.name])
+            seconds = step_seconds(Path(run), trigger, result_path, pert, poisoned, trained["epoch_seconds"])
         rows.append({"bits": config["bits"], "target": target, "target_name": result.get("target_name"),
                      "method": method, **{k: result[k] for k in RESULT_KEYS}, "seconds": seconds,
                      "run": run, "stage": result["stage"]})
     return rows
 
-
-STEPS = ("trigger", "perturbation", "poison", "training", "evaluation")
 
 
 def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int], out: Path) -> dict:
@@ -209,21 +204,20 @@ def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int],
                                                  f"{r['trigger_bits_changed']:.1f}",
                                                  f"{r['target_distance_queries']:.1f} -> "
                                                  f"{r['target_distance_triggered']:.1f}"] for r in rows])
-    lines += ["", "Mean wall time per step (s; trigger per target, shared by the methods):", ""]
-    timing = []
-    for (method, b), group in groups.items():
-        timing.append([b, method, *[seconds_text([g["seconds"].get(step) for g in group]) for step in STEPS]])
-    lines += markdown_table(["Bits", "Method", *STEPS], timing)
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(markdown, out / "table1.md")
     atomic_write_text(csv_text([header, *table]), out / "table1.csv")
     target_keys = ["bits", "target", "target_name", "method", *RESULT_KEYS]
-    atomic_write_text(csv_text([target_keys + [f"seconds_{s}" for s in STEPS]] +
-                               [[r[k] for k in target_keys] + [r["seconds"].get(s) for s in STEPS] for r in rows]),
+    atomic_write_text(csv_text([target_keys] + [[r[k] for k in target_keys] for r in rows]),
                       out / "table1_targets.csv")
     write_json({"settings": {k: v for k, v in vars(args).items()}, "targets": targets, "command": command,
-                "rows": rows, "provenance": provenance()}, out / "table1.json")
-    return {"markdown": markdown, "out": str(out)}
+                "rows": without_seconds(rows), "provenance": provenance()}, out / "table1.json")
+    timing = write_timing_table(
+        out, "table1", "Mean wall time per step (s; trigger per target, shared by the methods):",
+        ["Bits", "Method", *STEPS],
+        [[b, method, *[seconds_text([g["seconds"].get(step) for g in group]) for step in STEPS]]
+         for (method, b), group in groups.items()], rows, ["bits", "target", "method", "run", "stage"])
+    return {"markdown": markdown, "timing": timing, "out": str(out)}
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ no perturbation, or CIBA's confusing perturbations), the backdoored model (step 
 Finished steps are reused as in table1.py (CIBA's row is the CIBA row of Table 1 when M matches).
 
 Writes OUT/ (default RUN/table3/): table3.md (mean t-MAP, MAP, PSNR and SSIM of the poisoned images, averaged over
-the targets, with the per-target numbers and the mean wall time of every step), table3.csv, table3_targets.csv and
-table3.json (settings, rows, provenance).
+the targets, with the per-target numbers), table3.csv, table3_targets.csv, table3.json (settings, rows, provenance)
+and, apart, the mean wall time of every step in table3.timing.md and each row's in table3.timing.json.
 """
 from __future__ import annotations
 
@@ -27,10 +27,11 @@ import poison_dataset
 import train_backdoor
 from models.hashnet import read_clean
 from retrieval import CONVENTIONS
-from runs import UserError, atomic_write_text, cli_entry, provenance, read_json, require_at_least_one, write_json
-from runs.tables import (RESULT_KEYS, add_spread_flags, choose_targets, command_line, csv_text, markdown_table,
-                         mean_of, parse_gpus, percent, reuse_results, seconds_text, spread, target_label,
-                         without_options)
+from runs import (UserError, atomic_write_text, cli_entry, provenance, read_timing, require_at_least_one,
+                  write_json)
+from runs.tables import (RESULT_KEYS, STEPS, add_spread_flags, choose_targets, command_line, csv_text,
+                         markdown_table, mean_of, parse_gpus, percent, reuse_results, seconds_text, spread,
+                         step_seconds, target_label, without_options, without_seconds, write_timing_table)
 from triggers import trigger_fingerprint
 
 RUN = "checkpoint/demo"  # a run with a trained clean model (step 1)
@@ -59,7 +60,6 @@ ROWS = {"BadNets-PL": ("badnets", "poison-label"), "Blend-PL": ("blend", "poison
         "BadNets-CL": ("badnets", "clean-label"), "BadHash-CL": ("badhash", "clean-label"),
         "CIBA-CL": ("ciba", "clean-label")}
 NAMES = {"badnets": "BadNets", "blend": "Blend", "badhash": "BadHash", "ciba": "CIBA"}
-STEPS = ("trigger", "perturbation", "poison", "training", "evaluation")
 TABLE3_KEYS = (*RESULT_KEYS, "poison_rate", "setting", "psnr_mean", "ssim_mean")
 
 
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_tables(rows, args, clean, targets, out)  # after every target: a partial table survives
     tables = write_tables(rows, args, clean, targets, out)
     print(tables["markdown"])
+    print(tables["timing"])
     return {"rows": rows, **tables}
 
 
@@ -154,20 +155,18 @@ def target_rows(target: int, n_targets: int, args: argparse.Namespace) -> list[d
                                    "--poison-rate", repr(rate), "--seed", str(args.seed)])["name"]
         poisoned = poison_dataset.main([*common, "--trigger", trigger, "--perturbations", pert])["name"]
         trained = train_backdoor.main([*common, "--poisoned", poisoned, "--workers", str(args.workers), "--resume"])
-        backdoor_dir = Path(trained["out"])
-        result = reuse_results(backdoor_dir / "results.json", trained["checkpoint_id"], trigger_id, args.topk,
-                               args.convention, TABLE3_KEYS) or \
+        result_path = Path(trained["out"]) / "results.json"
+        result = reuse_results(result_path, trained["checkpoint_id"], trigger_id, args.topk, args.convention,
+                               TABLE3_KEYS) or \
             evaluate.main([*common, "--topk", str(args.topk), "--convention", args.convention,
-                           "--workers", str(args.workers), "--backdoor", backdoor_dir.name])
+                           "--workers", str(args.workers), "--backdoor", result_path.parent.name])
         run = Path(args.run)
-        seconds = {"trigger": read_json(run / "triggers" / trigger / "config.json")["seconds"],
-                   "perturbation": read_json(run / "perturbations" / pert / "config.json")["seconds"],
-                   "poison": read_json(run / "poisoned" / poisoned / "config.json")["seconds"],
-                   "training": round(sum(h["seconds"] for h in trained["history"]), 2),
-                   "evaluation": result["seconds"]}
-        if trigger_method == "badhash":  # the generator, trained once for all targets, counts in the trigger step
-            net = read_json(run / Path(made["generator"]).parent / "config.json")
-            seconds["trigger"] = round(seconds["trigger"] + net["seconds"] / n_targets, 2)
+        seconds = step_seconds(run, trigger, result_path, pert, poisoned, trained["epoch_seconds"])
+        net_seconds = read_timing(run / Path(made["generator"]).parent / "config.json").get("seconds") \
+            if trigger_method == "badhash" else None
+        if net_seconds is not None and seconds["trigger"] is not None:
+            # the generator, trained once for all targets, counts in the trigger step
+            seconds["trigger"] = round(seconds["trigger"] + net_seconds / n_targets, 2)
         rows.append({"method": method, "name": NAMES[trigger_method], "target": target,
                      "target_name": result.get("target_name"), **{k: result[k] for k in TABLE3_KEYS},
                      "seconds": seconds, "stage": result["stage"], "trigger": trigger})
@@ -213,21 +212,20 @@ def write_tables(rows: list[dict], args: argparse.Namespace, clean: dict, target
                               decimals(r["psnr_mean"], 2), decimals(r["ssim_mean"], 4),
                               f"{r['trigger_bits_changed']:.1f}"]
                              for r in rows])
-    lines += ["", "Mean wall time per step (s; BadHash's trigger includes its share of the generator training):", ""]
-    lines += markdown_table(["Method", "Setting", *STEPS],
-                            [[group[0]["name"], group[0]["setting"],
-                              *[seconds_text([g["seconds"].get(s) for g in group]) for s in STEPS]]
-                             for group in groups.values() if group])
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(markdown, out / "table3.md")
     atomic_write_text(csv_text([header, *table]), out / "table3.csv")
     keys = ["target", "target_name", "method", *TABLE3_KEYS]
-    atomic_write_text(csv_text([keys + [f"seconds_{s}" for s in STEPS]] +
-                               [[r[k] for k in keys] + [r["seconds"].get(s) for s in STEPS] for r in rows]),
-                      out / "table3_targets.csv")
+    atomic_write_text(csv_text([keys] + [[r[k] for k in keys] for r in rows]), out / "table3_targets.csv")
     write_json({"settings": vars(args), "targets": targets, "command": command_line("table3.py"),
-                "clean_map": clean_map, "rows": rows, "provenance": provenance()}, out / "table3.json")
-    return {"markdown": markdown, "out": str(out)}
+                "clean_map": clean_map, "rows": without_seconds(rows), "provenance": provenance()},
+               out / "table3.json")
+    timing = write_timing_table(
+        out, "table3", "Mean wall time per step (s; BadHash's trigger includes its share of the generator training):",
+        ["Method", "Setting", *STEPS],
+        [[group[0]["name"], group[0]["setting"], *[seconds_text([g["seconds"].get(s) for g in group]) for s in STEPS]]
+         for group in groups.values() if group], rows, ["target", "method", "stage"])
+    return {"markdown": markdown, "timing": timing, "out": str(out)}
 
 
 

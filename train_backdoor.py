@@ -16,7 +16,6 @@ continues it), history.json and codes.pt (database codes, reused by evaluate.py)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from data import HashListDataset, image_transform, open_run_split, read_list
 from models import build_loss, build_model
 from models.hashnet import read_clean
 from models.training import TRAJECTORY_KEYS, add_fast_path_flags, fit
-from runs import UserError, cli_entry, distributed, pick_output, provenance, read_json
+from runs import UserError, cli_entry, distributed, fingerprint, pick_output, provenance, read_json
 
 RUN = "checkpoint/demo"
 POISONED = None  # folder name under RUN/poisoned/ (step 4); None: the only one there
@@ -111,12 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
 def poisoned_fingerprint(poisoned_dir: Path) -> str:
     """A short content hash of step 4's output (its list, manifest and what it was made from): --resume refuses a
     checkpoint trained on a poisoned set that has been made again since."""
-    digest = hashlib.sha256()
-    for name in ("train.txt", "manifest.json"):
-        digest.update((poisoned_dir / name).read_bytes())
     made = read_json(poisoned_dir / "config.json")
-    digest.update(repr((made.get("trigger_id"), made.get("perturbations_id"))).encode())
-    return digest.hexdigest()[:16]
+    return fingerprint((poisoned_dir / "train.txt").read_bytes(), (poisoned_dir / "manifest.json").read_bytes(),
+                       repr((made.get("trigger_id"), made.get("perturbations_id"))))
 
 
 def batch_source(cache: str, clean: dict) -> str:

@@ -5,7 +5,6 @@ for any image size divisible by 16. The generator takes images in [0, 1] and ret
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from models.hashnet import IMAGENET_MEAN, IMAGENET_STD
 from runs.errors import UserError
+from runs.provenance import fingerprint
 
 LABEL_FEATURE = 512  # LabCLN's feature width, the generator's condition
 
@@ -188,7 +188,7 @@ def build_lpips(device: torch.device | str) -> nn.Module:
 
 def file_id(path: str | os.PathLike) -> str:
     """A content hash of a saved network, so a trigger can tell whether its generator has changed."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return fingerprint(Path(path).read_bytes())
 
 
 def load_generator(path: str | os.PathLike, trigger: dict, device: torch.device | str) -> Generator:

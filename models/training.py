@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import random
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from data import HashListDataset, make_loader
 from data.cache import CACHE_MODES, DecodedImages, cache_bytes, fits, free_bytes
 from models.hashnet import load_checkpoint
 from retrieval import encode, mean_average_precision, saved_codes
-from runs import UserError, atomic_save, distributed, write_json
+from runs import UserError, atomic_save, distributed, read_timing, weights_id, write_json, write_timing
 
 # Settings that shape the model or its training trajectory: --resume refuses a checkpoint made with others.
 TRAJECTORY_KEYS = ("arch", "pretrained", "bits", "loss", "pairwise_norm", "quant_weight", "image_size",
@@ -212,8 +211,9 @@ def subset_map(model: torch.nn.Module, query_loader, database_loader, topk: int,
 def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Namespace, train_set: Dataset,
         query_set: Dataset, database_set: Dataset, out: Path, config: dict, device: torch.device, resume: bool,
         overwrite: bool, train_eval_set: Dataset | None = None) -> dict:
-    """Train for recipe.epochs into `out`: config.json, checkpoint.pt (every epoch, atomically), history.json, then
-    codes.pt with the database codes (and the training codes when `train_eval_set` is given).
+    """Train for recipe.epochs into `out`: config.json, checkpoint.pt (every epoch, atomically), history.json (and
+    the seconds of every epoch in history.timing.json), then codes.pt with the database codes (and the training codes
+    when `train_eval_set` is given).
 
     A checkpoint already in `out` is an error unless `resume` (continue it; settings must match) or `overwrite`.
     The periodic MAP uses recipe.eval_queries seeded queries against the whole database. Under torchrun every
@@ -225,7 +225,7 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
     if world > 1:
         train_model = distributed_model(model, recipe, len(train_set), device)
     optimizer, scheduler = build_optimizer(model, recipe)
-    start_epoch, history = 0, []
+    start_epoch, history, epoch_seconds = 0, [], []
     if ckpt_path.exists() and not (resume or overwrite):
         raise UserError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to train from scratch")
     if resume and ckpt_path.exists():
@@ -236,10 +236,13 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
         scheduler.load_state_dict(ckpt["scheduler"])
         loss_fn.load_state_dict(ckpt["loss"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
+        epoch_seconds = read_timing(out / "history.json").get("epoch_seconds", [])[:start_epoch]
+        epoch_seconds += [None] * (start_epoch - len(epoch_seconds))  # killed before an epoch's time was written
         if main_process:
             print(f"resuming {ckpt_path} after epoch {start_epoch}")
     elif overwrite and main_process:  # results of the model being replaced must not outlive it
-        for stale in ("checkpoint.pt", "codes.pt", "history.json", "results.json"):
+        for stale in ("checkpoint.pt", "codes.pt", "history.json", "history.timing.json", "results.json",
+                      "results.timing.json"):
             (out / stale).unlink(missing_ok=True)
     fast = resolve_fast_path(recipe, device, len(train_set))
     config["fast_path"] = fast
@@ -272,25 +275,28 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
         if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
             result, database_codes = subset_map(model, query_loader, database_loader, recipe.topk, device)
             record.update(map=result["map"], map_empty_skipped=result["map_empty_skipped"])
-        record["seconds"] = round(time.time() - t0, 2)
-        ckpt_id = uuid.uuid4().hex
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        epoch_seconds.append(round(time.time() - t0, 2))
+        state = model.state_dict()
+        ckpt_id = weights_id(state)
+        atomic_save({"model": state, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "epoch": epoch + 1,
                      "history": history, "config": config, "checkpoint_id": ckpt_id}, ckpt_path)
+        write_timing(out / "history.json", {"epoch_seconds": epoch_seconds})
         write_json(history, out / "history.json")
         map_text = f" map@{recipe.topk} {record['map']:.4f} ({len(eval_queries)} queries)" if "map" in record else ""
         print(f"epoch {epoch + 1}/{recipe.epochs} loss {loss:.4f} lr {record['lr']:.2e}{map_text} "
-              f"{record['seconds']:.1f}s", flush=True)
+              f"{epoch_seconds[-1]:.1f}s", flush=True)
 
     codes_path = out / "codes.pt"
     if not main_process:
-        return {"history": history, "out": str(out)}
+        return {"history": history, "out": str(out), "epoch_seconds": epoch_seconds}
     if ckpt_id is None:  # nothing left to train: the codes belong to the checkpoint on disk
         ckpt = load_checkpoint(ckpt_path, "cpu")
         ckpt_id = ckpt["checkpoint_id"]
         if saved_codes(codes_path, ckpt_id) is not None:
             print(f"{ckpt_path} already trained for {ckpt['epoch']} epochs; codes are up to date")
-            return {"history": history, "codes": str(codes_path), "out": str(out), "checkpoint_id": ckpt_id}
+            return {"history": history, "codes": str(codes_path), "out": str(out), "checkpoint_id": ckpt_id,
+                    "epoch_seconds": epoch_seconds}
         model.load_state_dict(ckpt["model"])
     codes = {"checkpoint_id": ckpt_id, "epoch": recipe.epochs}
     if train_eval_set is not None:
@@ -302,4 +308,5 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
     atomic_save(codes, codes_path)
     extra = f"{len(codes['train_codes'])} training and " if train_eval_set is not None else ""
     print(f"done: {ckpt_path}, codes of {extra}{len(codes['database_codes'])} database images")
-    return {"history": history, "codes": str(codes_path), "out": str(out), "checkpoint_id": ckpt_id}
+    return {"history": history, "codes": str(codes_path), "out": str(out), "checkpoint_id": ckpt_id,
+            "epoch_seconds": epoch_seconds}

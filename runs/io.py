@@ -58,6 +58,34 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
+def timing_path(path: str | os.PathLike) -> Path:
+    """Where the wall-clock record of an output lives: X.json -> X.timing.json beside it.
+
+    Wall times differ from one run to the next, so they are kept out of the outputs themselves: the same command and
+    seed then repeat every other file byte for byte."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.timing.json")
+
+
+def write_timing(path: str | os.PathLike, record: dict) -> None:
+    """Write the wall-clock record of output `path` (before the output itself, so a complete output has one)."""
+    write_json(record, timing_path(path))
+
+
+def read_timing(path: str | os.PathLike) -> dict:
+    """The wall-clock record of output `path`; {} when it has none. Outputs made before records were kept apart
+    carried them inside: a `seconds` key (configs, results) or per-epoch `seconds` (history.json)."""
+    path = Path(path)
+    if timing_path(path).is_file():
+        return read_json(timing_path(path))
+    if not path.is_file():
+        return {}
+    made = read_json(path)
+    if isinstance(made, list):
+        return {"epoch_seconds": [entry.get("seconds") for entry in made if isinstance(entry, dict)]}
+    return {"seconds": made["seconds"]} if isinstance(made, dict) and "seconds" in made else {}
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():

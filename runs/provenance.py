@@ -1,6 +1,7 @@
 """What made a result: code version, library versions, device."""
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -45,6 +46,24 @@ def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
         else:
             info["device_name"] = f"{cpu_model()}, {os.cpu_count()} cores"
     return info
+
+
+def fingerprint(*parts: str | bytes | torch.Tensor) -> str:
+    """A short content hash (16 hex digits) of strings, bytes and tensors (hashed as contiguous float32 values),
+    so an output can record what it was made from and a later step can tell when that has changed."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().contiguous().float().numpy().tobytes()
+        digest.update(part.encode() if isinstance(part, str) else part)
+    return digest.hexdigest()[:16]
+
+
+def weights_id(state: dict[str, torch.Tensor]) -> str:
+    """The id of a model's weights: a fingerprint of every tensor with its name and shape. Identical weights get
+    the same id, so a repeated training yields byte-identical records, and codes saved with a checkpoint are reused
+    exactly when they belong to the same weights."""
+    return fingerprint(*(part for name, value in state.items() for part in (f"{name}{tuple(value.shape)}", value)))
 
 
 def cpu_model() -> str:

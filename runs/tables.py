@@ -15,7 +15,7 @@ import torch
 
 from data.protocols import resolve_class
 from runs.errors import UserError
-from runs.io import read_json
+from runs.io import atomic_write_text, read_json, read_timing, write_json
 
 # what every row of a table takes from a results.json of step 6 (reuse requires all of them)
 RESULT_KEYS = ("t_map", "map", "t_map_empty_zero", "t_map_empty_skipped", "map_empty_zero", "map_empty_skipped",
@@ -58,6 +58,38 @@ def percent(value: float | None) -> str:
 
 def target_label(target: int, name: str | None) -> str:
     return f"{target} ({name})" if name else str(target)
+
+
+STEPS = ("trigger", "perturbation", "poison", "training", "evaluation")
+
+
+def step_seconds(run: Path, trigger: str, result_path: Path, pert: str | None = None, poisoned: str | None = None,
+                 epoch_seconds: list[float | None] | None = None) -> dict[str, float | None]:
+    """Wall time (s) of each step behind one table row, from the timing records of its outputs (runs.io.read_timing);
+    steps 3-5 only for a backdoored model (`pert`, `poisoned`, the training's `epoch_seconds`)."""
+    seconds = {"trigger": read_timing(run / "triggers" / trigger / "config.json").get("seconds")}
+    if pert is not None:
+        known = [s for s in epoch_seconds or [] if s is not None]
+        seconds.update(perturbation=read_timing(run / "perturbations" / pert / "config.json").get("seconds"),
+                       poison=read_timing(run / "poisoned" / poisoned / "config.json").get("seconds"),
+                       training=round(sum(known), 2) if known else None)
+    seconds["evaluation"] = read_timing(result_path).get("seconds")
+    return seconds
+
+
+def write_timing_table(out: Path, name: str, title: str, header: list[str], table: list[list], rows: list[dict],
+                       keys: list[str]) -> str:
+    """NAME.timing.md (the mean wall time per step) and NAME.timing.json (each row's seconds, named by `keys`),
+    kept apart from the table itself, which a rerun repeats byte for byte."""
+    markdown = "\n".join([title, "", *markdown_table(header, table)]) + "\n"
+    atomic_write_text(markdown, out / f"{name}.timing.md")
+    write_json({"rows": [{**{k: row[k] for k in keys}, "seconds": row["seconds"]} for row in rows]},
+               out / f"{name}.timing.json")
+    return markdown
+
+
+def without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
 def seconds_text(values: list[float | None]) -> str:

@@ -7,6 +7,7 @@ import pytest
 
 import table1
 from runs import UserError
+from runs.tables import STEPS
 from tests.conftest import run_script, tiny_train_args
 from tests.test_cli import assert_user_error
 
@@ -66,11 +67,19 @@ def test_table1_writes_the_paper_layout_and_reuses_finished_steps(table_run, tmp
     none = [r for r in targets if r["method"] == "None"]
     assert all(r["map"] == r["clean_map"] and r["poison_num"] == "0" for r in none)
     markdown = (out / "table1.md").read_text()
-    assert "| None | t-MAP |" in markdown and "Per target:" in markdown and "training" in markdown
+    assert "| None | t-MAP |" in markdown and "Per target:" in markdown and "training" not in markdown
     record = json.loads((out / "table1.json").read_text())
     assert record["targets"] == [1, ring] and len(record["rows"]) == 6
+    assert not any("seconds" in row for row in record["rows"])  # wall times live apart: a rerun repeats table1.json
+    timing = json.loads((out / "table1.timing.json").read_text())["rows"]
+    assert [(r["target"], r["method"]) for r in timing] == [(r["target"], r["method"]) for r in record["rows"]]
+    for row in timing:
+        steps = ("trigger", "evaluation") if row["method"] == "None" else STEPS
+        assert sorted(row["seconds"]) == sorted(steps) and all(row["seconds"][s] >= 0 for s in steps), row
+    assert "| 48 | CIBA |" in (out / "table1.timing.md").read_text()
     again = step(*args)
     assert "epoch 1/2" not in again and again.count("is up to date; reusing it") == 6
+    assert json.loads((out / "table1.timing.json").read_text())["rows"] == timing  # the recorded times are kept
     assert (out / "table1.csv").read_text() == "\n".join(",".join(r) for r in rows) + "\n"
 
 

@@ -7,13 +7,13 @@ generator  G(x, h_t): BadHash's conditional generator with the target's LabCLN f
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from runs.errors import UserError
+from runs.provenance import fingerprint
 
 PAPER_TRIGGER_SIZE, PAPER_IMAGE_SIZE = 24, 224
 KINDS = ("patch", "blend", "generator")
@@ -92,12 +92,8 @@ def trigger_fingerprint(trigger: dict) -> str:
     """A short content hash of a trigger (its pattern, or its generator and target feature): results made with a
     trigger name it, so a trigger made again under the same name is not mistaken for the old one."""
     kind = trigger.get("kind", "patch")
-    digest = hashlib.sha256()
     if kind == "generator":
-        digest.update(trigger["generator_id"].encode())
-        digest.update(trigger["label_feature"].detach().cpu().contiguous().float().numpy().tobytes())
-    else:
-        digest.update(trigger["pattern"].detach().cpu().contiguous().float().numpy().tobytes())
-        if kind == "blend":
-            digest.update(repr(float(trigger["blend_ratio"])).encode())
-    return digest.hexdigest()[:16]
+        return fingerprint(trigger["generator_id"], trigger["label_feature"])
+    if kind == "blend":
+        return fingerprint(trigger["pattern"], repr(float(trigger["blend_ratio"])))
+    return fingerprint(trigger["pattern"])

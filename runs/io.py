@@ -43,9 +43,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, then rename: a killed process leaves the old file or the new one."""
+    """torch.save to a temporary file, then rename: a killed process leaves the old file or the new one.
+
+    torch.save names the archive inside the file after a path it is given (here the random temporary name); given an
+    open file it uses a fixed name, so the same object always gives the same bytes."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:

@@ -31,7 +31,7 @@ from data import make_loader, open_run_split
 from models.hashnet import load_stage
 from retrieval import (CONVENTIONS, anchor_code, encode, mean_average_precision, non_target_queries,
                        saved_codes, targeted_map)
-from runs import (UserError, cli_entry, pick_device, pick_output, provenance, read_json, require_at_least_one,
+from runs import (UserError, cli_entry, load_saved, pick_device, pick_output, provenance, read_json, require_at_least_one,
                   write_json, write_timing)
 from triggers import trigger_fingerprint, trigger_transform
 
@@ -154,7 +154,7 @@ def check_same_model(config: dict, clean: dict, clean_id: str, backdoor_dir: Pat
 
 
 def load_trigger(trigger_dir: Path, clean_id: str) -> dict:
-    trigger = torch.load(trigger_dir / "trigger.pt", weights_only=False)
+    trigger = load_saved(trigger_dir / "trigger.pt", f"gen_trigger.py --overwrite (the trigger {trigger_dir.name})")
     if trigger["clean_checkpoint_id"] != clean_id:
         raise UserError(f"{trigger_dir} was made against another clean model than the one in the run now; make it "
                         f"again with gen_trigger.py --overwrite")

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from data import open_run_split
 from data.protocols import choose_class
 from models.hashnet import binarize, load_stage
-from runs import (UserError, atomic_save, cli_entry, pick_device, provenance, require_at_least_one,
+from runs import (UserError, atomic_save, cli_entry, load_saved, pick_device, provenance, require_at_least_one,
                   write_json, write_timing)
 
 RUN = "checkpoint/demo"
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.run) / "perturbations" / perturbation_name(args, target)
     if (out / "perturbations.pt").exists() and not args.overwrite:
         print(f"{out}/perturbations.pt exists; reusing it (--overwrite to make it again)")
-        return {**torch.load(out / "perturbations.pt", weights_only=False), "name": out.name}
+        return {**load_saved(out / "perturbations.pt", "gen_confusing.py --overwrite"), "name": out.name}
     indices = choose_poison_indices(train_set.image_list.labels, target, args.poison_num, args.seed,
                                     train_set.image_list.list_file, args.setting, args.poison_rate)
     images = torch.stack([train_set[i][0] for i in indices]).to(device)

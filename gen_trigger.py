@@ -53,7 +53,7 @@ from models.badhash import (Discriminator, Generator, LabCLN, build_lpips, file_
 from models.hashnet import HashModel, binarize, load_stage
 from models.training import seed_epoch
 from retrieval import anchor_code
-from runs import (UserError, atomic_path, atomic_save, cli_entry, pick_device, provenance, read_json,
+from runs import (UserError, atomic_path, atomic_save, cli_entry, load_saved, pick_device, provenance, read_json,
                   require_at_least_one, write_json, write_timing)
 from triggers import apply_trigger, check_trigger_size, default_trigger_size, quantize, trigger_transform
 
@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     clean, _, model = load_stage(args.run, "clean", device)
     codes_path = Path(args.run) / "clean" / "codes.pt"
-    if not codes_path.is_file():
-        raise UserError(f"{codes_path} is missing; run train_hash.py --run {args.run} --resume to write it")
-    codes = torch.load(codes_path, weights_only=False)
+    codes = load_saved(codes_path, f"train_hash.py --run {args.run} --resume")
     classes = (clean.get("protocol") or {}).get("classes")
     target = choose_class(args.target, classes, clean["n_classes"], args.seed)
     size = clean["image_size"]
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.run) / "triggers" / trigger_name(args, target, trigger_size, clean["arch"])
     if (out / "trigger.pt").exists() and not args.overwrite:
         print(f"{out}/trigger.pt exists; reusing it (--overwrite to make it again)")
-        return {**torch.load(out / "trigger.pt", weights_only=False), "name": out.name}
+        return {**load_saved(out / "trigger.pt", "gen_trigger.py --overwrite"), "name": out.name}
 
     anchor = anchor_code(codes["train_codes"], codes["train_labels"], target)
     t0 = time.time()
@@ -273,7 +271,7 @@ def badhash_trigger(model: HashModel, clean: dict, clean_id: str, target: int, a
     """The trigger of one target: the run's BadHash generator (trained here once, then reused by every target)
     with the target's LabCLN feature; also writes a preview grid for this target."""
     net_dir = badhash_networks(model, clean, clean_id, args, device)
-    labcln_saved = torch.load(net_dir / "labcln.pt", map_location="cpu", weights_only=False)
+    labcln_saved = load_saved(net_dir / "labcln.pt", "gen_trigger.py --method badhash --overwrite")
     if not bool(labcln_saved["label_set"][:, target].any()):
         raise UserError(f"target {target} is unknown to LabCLN in {net_dir}: no label vector it was trained on "
                         f"carries it (it learned the training set's labels); choose another --target")
@@ -309,7 +307,7 @@ def badhash_networks(model: HashModel, clean: dict, clean_id: str, args: argpars
     if args.overwrite:
         state_path.unlink(missing_ok=True)
     if state_path.exists():  # an interrupted training: LabCLN as it was, the generator from its last epoch
-        labcln_saved = torch.load(net_dir / "labcln.pt", map_location="cpu", weights_only=False)
+        labcln_saved = load_saved(net_dir / "labcln.pt", "gen_trigger.py --method badhash --overwrite")
         labcln = LabCLN(labcln_saved["n_classes"], labcln_saved["bits"]).to(device)
         labcln.load_state_dict(labcln_saved["state"])
         labcln_history = labcln_saved["history"]
@@ -352,7 +350,7 @@ def default_w_hash(arch: str) -> float:
 
 def check_badhash_networks(net_dir: Path, clean: dict, clean_id: str, settings: dict) -> None:
     """Networks in a run's folder must fit its clean model (image size, bits, classes) and the settings asked for."""
-    saved = torch.load(net_dir / "generator.pt", map_location="cpu", weights_only=False)
+    saved = load_saved(net_dir / "generator.pt", "gen_trigger.py --method badhash --overwrite")
     for key in ("image_size", "bits", "n_classes"):
         if saved[key] != clean[key]:
             raise UserError(f"{net_dir / 'generator.pt'} is a generator for {key} {saved[key]} but the clean model "
@@ -425,7 +423,8 @@ def train_generator(model: HashModel, labcln: LabCLN, label_set: torch.Tensor, t
     history: dict = {**{n: [] for n in names}, "d_loss": [], "d_steps": []}
     start, step, seconds_before = 0, 0, 0.0
     if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = load_saved(state_path, "gen_trigger.py --method badhash --overwrite (training from the start)",
+                           device)
         if state["settings"] != settings or state["clean_checkpoint_id"] != clean_id:
             raise UserError(f"{state_path} is an interrupted BadHash training with other settings or another clean "
                             f"model; delete it or pass --overwrite to train from the start")

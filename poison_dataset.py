@@ -27,7 +27,7 @@ import torch
 from data import open_run_split, save_png, write_list
 from data.quality import psnr, ssim
 from models.hashnet import read_clean
-from runs import (UserError, cli_entry, fingerprint, pick_device, pick_output, provenance, read_json, write_json,
+from runs import (UserError, cli_entry, fingerprint, load_saved, pick_device, pick_output, provenance, read_json, write_json,
                   write_timing)
 from triggers import trigger_fingerprint, trigger_transform
 
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     trigger_dir = pick_output(run / "triggers", args.trigger, "trigger.pt", "gen_trigger.py", "--trigger")
     pert_dir = pick_output(run / "perturbations", args.perturbations, "perturbations.pt", "gen_confusing.py",
                            "--perturbations")
-    trigger = torch.load(trigger_dir / "trigger.pt", weights_only=False)
-    pert = torch.load(pert_dir / "perturbations.pt", weights_only=False)
+    trigger = load_saved(trigger_dir / "trigger.pt", f"gen_trigger.py --overwrite (the trigger {trigger_dir.name})")
+    pert = load_saved(pert_dir / "perturbations.pt", f"gen_confusing.py --overwrite ({pert_dir.name})")
     check_consistent(trigger, pert, clean_id, trigger_dir, pert_dir)
     out = run / "poisoned" / f"{trigger_dir.name}__{pert_dir.name}"
     made_from = {"trigger_id": trigger_fingerprint(trigger), "perturbations_id": perturbation_fingerprint(pert)}

@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"unknown architecture {args.arch!r}; choose one of {', '.join(ARCHS)}")
     if args.loss not in LOSSES:
         raise UserError(f"unknown loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
-    require_at_least_one(args, "epochs", "batch_size", "image_size", "resize_size", "topk")
+    require_at_least_one(args, "bits", "epochs", "batch_size", "image_size", "resize_size", "topk")
     if args.resize_size < args.image_size:
         raise UserError(f"--resize-size {args.resize_size} is smaller than --image-size {args.image_size}")
     if args.lr <= 0 or args.lr_features < 0:

@@ -16,6 +16,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from models.hashnet import IMAGENET_MEAN, IMAGENET_STD
 from runs.errors import UserError
+from runs.io import load_saved
 from runs.provenance import fingerprint
 
 LABEL_FEATURE = 512  # LabCLN's feature width, the generator's condition
@@ -200,7 +201,7 @@ def load_generator(path: str | os.PathLike, trigger: dict, device: torch.device 
     if file_id(path) != trigger["generator_id"]:
         raise UserError(f"{path} has changed since the trigger was made from it; make the trigger again with "
                         f"gen_trigger.py --method badhash --overwrite")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_saved(path, "gen_trigger.py --method badhash --overwrite")
     generator = Generator(saved["image_size"], saved["width"])
     generator.load_state_dict(saved["state"])
     return generator.to(device).eval().requires_grad_(False)

@@ -11,6 +11,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from runs.errors import UserError
+from runs.provenance import weights_id
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -127,17 +128,33 @@ MODEL_KEYS = ("arch", "bits", "image_size")
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
     """Read a checkpoint written by train_hash.py / train_backdoor.py, with a clear error when it is unusable."""
+    from runs.io import load_saved
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path} (run train_hash.py for this --run first)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # truncated or corrupted files raise several types
-        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}); it is truncated or "
-                        f"corrupted: delete it and train again (or --resume from an intact copy)") from None
+    ckpt = load_saved(path, "the step that trained it (--overwrite), or --resume from an intact copy", device)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project (no 'model'/'config' entries)")
+    recorded = ckpt.get("checkpoint_id")
+    # the id is the fingerprint of the weights (runs.provenance.weights_id); checkpoints written before ids were
+    # content hashes carry a random 32-digit id and cannot be checked
+    if isinstance(recorded, str) and len(recorded) == 16 and weights_id(ckpt["model"]) != recorded:
+        raise UserError(f"the weights in {path} do not match the id recorded with them ({recorded}): the file was "
+                        f"damaged or edited after it was written; delete it and train again (or --resume from an "
+                        f"intact copy)")
     return ckpt
+
+
+def check_checkpoint_fits(config: dict, ckpt: dict, stage_dir: str | os.PathLike) -> None:
+    """The checkpoint in a run folder must hold the model its config.json describes (architecture, bits, image
+    size): a checkpoint copied in from another run is refused."""
+    saved = ckpt["config"]
+    diffs = [f"{k} {saved.get(k)!r} in checkpoint.pt, {config.get(k)!r} in config.json" for k in MODEL_KEYS
+             if saved.get(k) != config.get(k)]
+    if diffs:
+        raise UserError(f"{os.path.join(stage_dir, 'checkpoint.pt')} does not hold the model its config.json "
+                        f"describes ({'; '.join(diffs)}); it belongs to another run: put this run's own checkpoint "
+                        f"back or train again with --overwrite")
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> HashModel:
@@ -163,6 +180,7 @@ def load_stage(run: str | os.PathLike, stage: str, device: torch.device | str,
         raise UserError(f"{stage_dir} holds no trained model; run {made_by} --run {run} first")
     config = read_json(os.path.join(stage_dir, "config.json"))
     ckpt = load_checkpoint(os.path.join(stage_dir, "checkpoint.pt"), device)
+    check_checkpoint_fits(config, ckpt, stage_dir)
     return config, ckpt, model_from_checkpoint(ckpt, device)
 
 
@@ -174,4 +192,6 @@ def read_clean(run: str | os.PathLike) -> tuple[dict, str]:
     ckpt_path = os.path.join(clean_dir, "checkpoint.pt")
     if not os.path.isfile(ckpt_path):
         raise UserError(f"{clean_dir} holds no trained model; run train_hash.py --run {run} first")
-    return read_json(os.path.join(clean_dir, "config.json")), load_checkpoint(ckpt_path, "cpu")["checkpoint_id"]
+    config, ckpt = read_json(os.path.join(clean_dir, "config.json")), load_checkpoint(ckpt_path, "cpu")
+    check_checkpoint_fits(config, ckpt, clean_dir)
+    return config, ckpt["checkpoint_id"]

@@ -90,6 +90,19 @@ def read_timing(path: str | os.PathLike) -> dict:
     return {"seconds": made["seconds"]} if isinstance(made, dict) and "seconds" in made else {}
 
 
+def load_saved(path: str | os.PathLike, made_by: str, device: torch.device | str = "cpu") -> Any:
+    """torch.load of an output of an earlier step; a missing, truncated or corrupted file is a UserError naming the
+    file and the command (`made_by`) that makes it again."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is missing; make it with {made_by}")
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # truncated or corrupted files raise several types
+        raise UserError(f"cannot read {path} ({type(err).__name__}: {err}); it is truncated or corrupted: delete it "
+                        f"and make it again with {made_by}") from None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from data.synthetic import generate_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = Protocol("tiny", query_per_class=4, train_per_class=10, seed=0)
+POISONED = "ciba-t2-s4__none-t2-m5-seed0"  # the poisoned set of the `attacked` run
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +36,38 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "tiny"
     train_hash.main(tiny_train_args(tiny_data, run))
     return run
+
+
+@pytest.fixture(scope="session")
+def attacked(tiny_run, tmp_path_factory) -> Path:
+    """A copy of the tiny run with a trigger, Tri perturbations, a poisoned set and a backdoored model."""
+    import gen_confusing
+    import gen_trigger
+    import poison_dataset
+    import train_backdoor
+    run = tmp_path_factory.mktemp("attacked") / "run"
+    shutil.copytree(tiny_run, run)
+    common = ["--run", str(run), "--target", "2", "--device", "cpu"]
+    gen_trigger.main([*common, "--trigger-size", "4", "--steps", "4", "--batch-size", "8", "--workers", "0"])
+    gen_confusing.main([*common, "--pert", "none", "--poison-num", "5"])
+    poison_dataset.main(["--run", str(run)])
+    train_backdoor.main(["--run", str(run), "--device", "cpu", "--workers", "0"])
+    return run
+
+
+def swap_checkpoint_model(stage: Path, **config) -> None:
+    """Put a checkpoint of another model (`config`: other arch, bits or image size) into a run's model folder, with
+    a valid id, as if it had been copied in from another run."""
+    import torch
+
+    from models import build_model
+    from runs import weights_id
+    path = stage / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["config"] = {**ckpt["config"], **config}
+    ckpt["model"] = build_model(ckpt["config"]["arch"], ckpt["config"]["bits"]).state_dict()
+    ckpt["checkpoint_id"] = weights_id(ckpt["model"])
+    torch.save(ckpt, path)
 
 
 def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

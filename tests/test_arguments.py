@@ -13,6 +13,7 @@ from runs import UserError, pick_device
 
 @pytest.mark.parametrize("argv,message", [
     (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--bits", "0"], "--bits must be at least 1, got 0"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--topk", "0"], "--topk must be at least 1"),
     (["--image-size", "64", "--resize-size", "32"], "--resize-size 32 is smaller than --image-size 64"),

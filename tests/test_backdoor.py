@@ -7,30 +7,15 @@ import torch
 from PIL import Image
 
 import evaluate
-import gen_confusing
 import gen_trigger
 import poison_dataset
 import train_backdoor
 import train_hash
 from data import HashListDataset, image_transform, read_list
 from runs import UserError
-from tests.conftest import run_script, tiny_train_args
+from tests.conftest import POISONED, run_script, swap_checkpoint_model, tiny_train_args
 from tests.test_cli import assert_user_error
 
-POISONED = "ciba-t2-s4__none-t2-m5-seed0"
-
-
-@pytest.fixture(scope="module")
-def attacked(tiny_run, tmp_path_factory):
-    """A copy of the tiny run with a trigger, Tri perturbations, a poisoned set and a backdoored model."""
-    run = tmp_path_factory.mktemp("attacked") / "run"
-    shutil.copytree(tiny_run, run)
-    common = ["--run", str(run), "--target", "2", "--device", "cpu"]
-    gen_trigger.main([*common, "--trigger-size", "4", "--steps", "4", "--batch-size", "8", "--workers", "0"])
-    gen_confusing.main([*common, "--pert", "none", "--poison-num", "5"])
-    poison_dataset.main(["--run", str(run)])
-    train_backdoor.main(["--run", str(run), "--device", "cpu", "--workers", "0"])
-    return run
 
 
 def test_backdoor_uses_the_clean_recipe_and_writes_like_step_1(attacked):
@@ -127,8 +112,6 @@ def test_t_map_uses_the_trigger_and_the_target(attacked):
 def test_step_errors_name_the_missing_step(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "clean", run / "clean")
-    assert_user_error(run_script("train_backdoor.py", "--run", str(run), "--device", "cpu"),
-                      "holds nothing yet; run poison_dataset.py first")
     assert_user_error(run_script("evaluate.py", "--run", str(run), "--device", "cpu", "--backdoor", "x"),
                       "does not exist or is incomplete", "run train_backdoor.py first")
     assert_user_error(run_script("evaluate.py", "--run", str(run), "--device", "cpu", "--trigger", "x"),
@@ -141,27 +124,14 @@ def test_step_errors_name_the_missing_step(tiny_run, tmp_path):
 def test_backdoor_of_another_bit_length_or_architecture_is_refused(attacked, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(attacked, run)
-    config_path = run / "clean" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["bits"] = 64
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(UserError, match="holds a model with bits 48 but .* has 64"):
-        evaluate.main(["--run", str(run), "--device", "cpu", "--workers", "0", "--backdoor", POISONED])
-    config["bits"], config["arch"] = 48, "resnet18"
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(UserError, match="holds a model with arch 'small' but .* has 'resnet18'"):
-        evaluate.main(["--run", str(run), "--device", "cpu", "--workers", "0", "--backdoor", POISONED])
-
-
-def test_poisoned_set_of_another_clean_model_is_refused(attacked, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(attacked, run)
-    config_path = run / "poisoned" / POISONED / "config.json"
-    config = json.loads(config_path.read_text())
-    config["clean_checkpoint_id"] = "another"
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(UserError, match="made from another clean model"):
-        train_backdoor.main(["--run", str(run), "--device", "cpu", "--workers", "0", "--overwrite"])
+    stage = run / "backdoor" / POISONED
+    for change, message in (({"bits": 64}, "holds a model with bits 64 but .* has 48"),
+                            ({"bits": 48, "arch": "resnet18"}, "holds a model with arch 'resnet18' but .* has 'small'")):
+        swap_checkpoint_model(stage, **change)  # a consistent model folder, but of another run
+        config = json.loads((stage / "config.json").read_text())
+        (stage / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UserError, match=message):
+            evaluate.main(["--run", str(run), "--device", "cpu", "--workers", "0", "--backdoor", POISONED])
 
 
 def test_trigger_code_distances_by_hand():

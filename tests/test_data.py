@@ -84,12 +84,17 @@ def test_other_sizes_are_resized_then_centre_cropped(tmp_path):
 
 
 def test_unreadable_image_names_list_and_line(image_dir):
-    (image_dir / "img" / "1.png").write_bytes(b"not a png at all")
     (image_dir / "list.txt").write_text("img/0.png 1 0\nimg/1.png 0 1\n")
+    png = (image_dir / "img" / "1.png").read_bytes()
+    (image_dir / "img" / "1.png").write_bytes(png[:45])  # the header parses, the pixel data is cut
     ds = HashListDataset(read_list(image_dir / "list.txt"), image_transform(8, 8))
     assert ds[0][0].shape == (3, 8, 8)
     with pytest.raises(UserError, match=r"list.txt:2: cannot read image .*1.png"):
         ds[1]
+    (image_dir / "img" / "1.png").write_bytes(b"not a png at all")  # caught when the list is read
+    (image_dir / "list.txt").write_text("img/0.png 1 0\nimg/1.png 0 1\n\n")  # (a new list file: checked again)
+    with pytest.raises(UserError, match=r"list.txt:2: cannot read image .*1.png"):
+        read_list(image_dir / "list.txt")
 
 
 def test_folder_builder_from_tar_gz_is_seeded_and_per_class(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import table1
 from runs import UserError
 from runs.tables import STEPS
-from tests.conftest import run_script, tiny_train_args
+from tests.conftest import run_script, swap_checkpoint_model, tiny_train_args
 from tests.test_cli import assert_user_error
 
 SMALL = ["--trigger-steps", "4", "--poison-num", "4", "--batch", "2", "--pert-steps", "2", "--topk", "100",
@@ -88,6 +88,7 @@ def test_table1_refuses_runs_that_differ_in_more_than_bits(table_run, tmp_path):
     shutil.copytree(table_run / "clean", other / "clean")
     assert_user_error(run_script("table1.py", "--runs", str(table_run), str(other), *SMALL),
                       "both have 48 bits; give one run per bit length")
+    swap_checkpoint_model(other / "clean", bits=64, arch="resnet18")
     config = json.loads((other / "clean" / "config.json").read_text())
     config.update(bits=64, arch="resnet18")
     (other / "clean" / "config.json").write_text(json.dumps(config))

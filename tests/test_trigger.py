@@ -89,7 +89,6 @@ def test_gen_trigger_writes_a_reusable_8bit_trigger(tiny_run):
 @pytest.mark.parametrize("flags,message", [
     (["--target", "11"], "class 11 does not exist; the data set has classes 0 to 9"),
     (["--target", "zebra"], "unknown class 'zebra'; known classes: cross-solid"),
-    (["--trigger-size", "33"], "--trigger-size 33 does not fit a 32x32 image"),
     (["--steps", "0"], "--steps must be at least 1"),
 ])
 def test_gen_trigger_bad_input(tiny_run, flags, message):

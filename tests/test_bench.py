@@ -54,3 +54,15 @@ def test_training_throughput_benchmark_runs_both_paths(tiny_data):
 def test_training_throughput_benchmark_needs_enough_images(tiny_data):
     with pytest.raises(UserError, match="has 100 training images; --images 500 asks for more"):
         train_throughput.main(["--data", str(tiny_data), "--images", "500", "--device", "cpu"])
+
+
+def test_fault_injection_finds_every_fault_handled(tmp_path):
+    from bench import faults
+    record = faults.main(["--kills", "1", "--seed", "3", "--work", str(tmp_path / "work"), "--out",
+                          str(tmp_path / "faults.json")])
+    kinds = [t["kind"] for t in record["trials"]]
+    assert kinds.count("damage") == 5 and kinds.count("kill") == 1
+    assert all(t["outcome"] != "FAILED" for t in record["trials"]), record["trials"]
+    assert "6 trials, 0 failed." in record["summary"] and (tmp_path / "faults.json").is_file()
+    with pytest.raises(UserError, match="is not empty"):
+        faults.main(["--work", str(tmp_path / "work")])

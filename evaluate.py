@@ -31,8 +31,8 @@ from data import make_loader, open_run_split
 from models.hashnet import load_stage
 from retrieval import (CONVENTIONS, anchor_code, encode, mean_average_precision, non_target_queries,
                        saved_codes, targeted_map)
-from runs import (UserError, cli_entry, load_saved, pick_device, pick_output, provenance, read_json, require_at_least_one,
-                  write_json, write_timing)
+from runs import (UserError, add_deterministic_flag, cli_entry, load_saved, make_deterministic, pick_device,
+                  pick_output, provenance, read_json, require_at_least_one, write_json, write_timing)
 from triggers import trigger_fingerprint, trigger_transform
 
 RUN = "checkpoint/demo"
@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
+    add_deterministic_flag(p)
     args = p.parse_args(argv)
     require_at_least_one(args, "topk", "batch_size")
     if args.backdoor is not None and args.trigger is not None:
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    make_deterministic(args.deterministic)
     run = Path(args.run)
     device = pick_device(args.device)
     t0 = time.time()

@@ -36,8 +36,8 @@ from tqdm import tqdm
 from data import open_run_split
 from data.protocols import choose_class
 from models.hashnet import binarize, load_stage
-from runs import (UserError, atomic_save, cli_entry, load_saved, pick_device, provenance, require_at_least_one,
-                  write_json, write_timing)
+from runs import (UserError, add_deterministic_flag, atomic_save, cli_entry, load_saved, make_deterministic,
+                  pick_device, provenance, require_at_least_one, write_json, write_timing)
 
 RUN = "checkpoint/demo"
 TARGET = None  # class index or name; None: drawn with SEED (the same rule as gen_trigger.py)
@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-size", type=float, default=STEP_SIZE)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", default=DEVICE)
+    add_deterministic_flag(p)
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     args = p.parse_args(argv)
     check_budget(args.eps, args.lam)
@@ -93,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    make_deterministic(args.deterministic)
     device = pick_device(args.device)
     clean, clean_ckpt, model = load_stage(args.run, "clean", device)
     classes = (clean.get("protocol") or {}).get("classes")

@@ -53,8 +53,8 @@ from models.badhash import (Discriminator, Generator, LabCLN, build_lpips, file_
 from models.hashnet import HashModel, binarize, load_stage
 from models.training import seed_epoch
 from retrieval import anchor_code
-from runs import (UserError, atomic_path, atomic_save, cli_entry, load_saved, pick_device, provenance, read_json,
-                  require_at_least_one, write_json, write_timing)
+from runs import (UserError, add_deterministic_flag, atomic_path, atomic_save, cli_entry, load_saved,
+                  make_deterministic, pick_device, provenance, read_json, require_at_least_one, write_json, write_timing)
 from triggers import apply_trigger, check_trigger_size, default_trigger_size, quantize, trigger_transform
 
 RUN = "checkpoint/demo"
@@ -111,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
+    add_deterministic_flag(p)
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     args = p.parse_args(argv)
     require_at_least_one(args, "steps", "batch_size", "labcln_steps", "labcln_batch", "gen_epochs", "gen_batch",
@@ -129,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    make_deterministic(args.deterministic)
     device = pick_device(args.device)
     clean, _, model = load_stage(args.run, "clean", device)
     codes_path = Path(args.run) / "clean" / "codes.pt"

@@ -27,8 +27,8 @@ import torch
 from data import open_run_split, save_png, write_list
 from data.quality import psnr, ssim
 from models.hashnet import read_clean
-from runs import (UserError, cli_entry, fingerprint, load_saved, pick_device, pick_output, provenance, read_json, write_json,
-                  write_timing)
+from runs import (UserError, add_deterministic_flag, cli_entry, fingerprint, load_saved, make_deterministic,
+                  pick_device, pick_output, provenance, read_json, write_json, write_timing)
 from triggers import trigger_fingerprint, trigger_transform
 
 RUN = "checkpoint/demo"
@@ -44,12 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trigger", default=TRIGGER)
     p.add_argument("--perturbations", default=PERTURBATIONS)
     p.add_argument("--device", default=DEVICE)
+    add_deterministic_flag(p)
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    make_deterministic(args.deterministic)
     run = Path(args.run)
     clean, clean_id = read_clean(run)
     trigger_dir = pick_output(run / "triggers", args.trigger, "trigger.pt", "gen_trigger.py", "--trigger")

@@ -27,7 +27,8 @@ import poison_dataset
 import train_backdoor
 from models.hashnet import read_clean
 from retrieval import CONVENTIONS
-from runs import UserError, atomic_write_text, cli_entry, provenance, require_at_least_one, write_json
+from runs import (UserError, add_deterministic_flag, atomic_write_text, cli_entry, provenance, require_at_least_one,
+                  write_json)
 from runs.tables import (RESULT_KEYS, STEPS, add_spread_flags, choose_targets, command_line, csv_text,
                          markdown_table, mean_of, parse_gpus, percent, reuse_results, seconds_text, spread,
                          step_seconds, target_label, without_options, without_seconds, write_timing_table)
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=OUT)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
+    add_deterministic_flag(p)
     add_spread_flags(p)
     return p
 
@@ -145,7 +147,7 @@ def check_runs(runs: list[str]) -> list[tuple[dict, str]]:
 
 def target_rows(run: str, config: dict, clean_id: str, target: int, args: argparse.Namespace) -> list[dict]:
     """Steps 2-6 for one run and target; one row per method."""
-    common = ["--run", run, "--device", args.device]
+    common = ["--run", run, "--device", args.device, *(["--deterministic"] if args.deterministic else [])]
     trigger_args = [*common, "--target", str(target), "--method", "ciba", "--steps", str(args.trigger_steps),
                     "--seed", str(args.seed), "--workers", str(args.workers)]
     if args.trigger_size is not None:
@@ -165,7 +167,7 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
                                        "--poison-num", str(args.poison_num), "--eps", repr(args.eps),
                                        "--lam", repr(args.lam), "--batch", str(args.batch),
                                        "--steps", str(args.pert_steps), "--seed", str(args.seed)])["name"]
-            poisoned = poison_dataset.main(["--run", run, "--trigger", trigger, "--perturbations", pert])["name"]
+            poisoned = poison_dataset.main([*common, "--trigger", trigger, "--perturbations", pert])["name"]
             trained = train_backdoor.main([*common, "--poisoned", poisoned, "--workers", str(args.workers),
                                            "--resume"])
             result_path = Path(trained["out"]) / "results.json"

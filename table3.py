@@ -27,8 +27,8 @@ import poison_dataset
 import train_backdoor
 from models.hashnet import read_clean
 from retrieval import CONVENTIONS
-from runs import (UserError, atomic_write_text, cli_entry, provenance, read_timing, require_at_least_one,
-                  write_json)
+from runs import (UserError, add_deterministic_flag, atomic_write_text, cli_entry, provenance, read_timing,
+                  require_at_least_one, write_json)
 from runs.tables import (RESULT_KEYS, STEPS, add_spread_flags, choose_targets, command_line, csv_text,
                          markdown_table, mean_of, parse_gpus, percent, reuse_results, seconds_text, spread,
                          step_seconds, target_label, without_options, without_seconds, write_timing_table)
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=OUT)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
+    add_deterministic_flag(p)
     add_spread_flags(p)
     return p
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def target_rows(target: int, n_targets: int, args: argparse.Namespace) -> list[dict]:
     """Steps 2-6 of every method for one target; one row per method."""
-    common = ["--run", args.run, "--device", args.device]
+    common = ["--run", args.run, "--device", args.device, *(["--deterministic"] if args.deterministic else [])]
     rows = []
     for method in args.methods:
         trigger_method, setting = ROWS[method]

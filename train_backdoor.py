@@ -25,7 +25,8 @@ from data import HashListDataset, image_transform, open_run_split, read_list
 from models import build_loss, build_model
 from models.hashnet import read_clean
 from models.training import TRAJECTORY_KEYS, add_fast_path_flags, fit
-from runs import UserError, cli_entry, distributed, fingerprint, pick_output, provenance, read_json
+from runs import (UserError, add_deterministic_flag, cli_entry, distributed, fingerprint, make_deterministic,
+                  pick_output, provenance, read_json)
 
 RUN = "checkpoint/demo"
 POISONED = None  # folder name under RUN/poisoned/ (step 4); None: the only one there
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=WORKERS)
     add_fast_path_flags(p, AMP, CACHE, CHANNELS_LAST)
     p.add_argument("--device", default=DEVICE)
+    add_deterministic_flag(p)
     p.add_argument("--resume", default=RESUME, action="store_true")
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     args = p.parse_args(argv)
@@ -64,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    make_deterministic(args.deterministic)
     run = Path(args.run)
     clean, clean_id = read_clean(run)
     poisoned_dir = pick_output(run / "poisoned", args.poisoned, "config.json", "poison_dataset.py", "--poisoned")

@@ -28,7 +28,8 @@ import torch
 from data import open_split
 from models import ARCHS, LOSSES, build_loss, build_model
 from models.training import add_fast_path_flags, fit
-from runs import UserError, cli_entry, distributed, provenance, read_json, require_at_least_one
+from runs import (UserError, add_deterministic_flag, cli_entry, distributed, make_deterministic, provenance, read_json,
+                  require_at_least_one)
 
 DATA = "datasets/synthetic"  # folder holding train.txt, query.txt, database.txt (prepare_data.py writes them)
 DATA_ROOT = None  # folder the list paths are relative to; None: the list folder
@@ -105,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_fast_path_flags(p, AMP, CACHE, CHANNELS_LAST)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", default=DEVICE)
+    add_deterministic_flag(p)
     p.add_argument("--resume", default=RESUME, action="store_true")
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     args = p.parse_args(argv)
@@ -125,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    make_deterministic(args.deterministic)
     device = distributed.training_device(args.device)  # under torchrun: this process's device
     out = Path(args.run) / "clean"
     data_dir = os.path.abspath(args.data)

@@ -97,7 +97,39 @@ def build_model(arch: str, bits: int, pretrained: bool = False) -> HashModel:
     The weights are stored channels-last: convolutions then run in that layout whatever the input's, which made the
     small backbone's training steps about 20 % and its encoding about 35 % faster on our CPU (bench/README.md).
     """
-    return assemble_model(arch, bits, pretrained).to(memory_format=torch.channels_last)
+    model = assemble_model(arch, bits, pretrained)
+    if torch.are_deterministic_algorithms_enabled():  # --deterministic (runs.device.make_deterministic)
+        replace_adaptive_pools(model)
+    return model.to(memory_format=torch.channels_last)
+
+
+class DeterministicAvgPool(nn.Module):
+    """nn.AdaptiveAvgPool2d through operations whose CUDA backward is deterministic (the adaptive pool's is not, and
+    raises under torch.use_deterministic_algorithms): a mean for a global pool, avg_pool2d when the input size is a
+    multiple of the output size (VGG-11 at 224 px: 7x7 -> 7x7). Same values as the adaptive pool up to rounding."""
+
+    def __init__(self, output_size: int | tuple[int, int]):
+        super().__init__()
+        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (out_h, out_w), (h, w) = self.output_size, x.shape[-2:]
+        if (out_h, out_w) == (1, 1):
+            return x.mean((2, 3), keepdim=True)
+        if h % out_h == 0 and w % out_w == 0:
+            return nn.functional.avg_pool2d(x, (h // out_h, w // out_w))
+        if x.is_cuda:
+            raise UserError(f"--deterministic: a {h}x{w} feature map does not pool evenly to {out_h}x{out_w} "
+                            f"(VGG-11 needs 224 px images); use another image size or leave out --deterministic")
+        return nn.functional.adaptive_avg_pool2d(x, self.output_size)  # deterministic on the CPU
+
+
+def replace_adaptive_pools(model: nn.Module) -> None:
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.AdaptiveAvgPool2d) and None not in (
+                    (child.output_size,) if isinstance(child.output_size, int) else child.output_size):
+                setattr(module, name, DeterministicAvgPool(child.output_size))
 
 
 def assemble_model(arch: str, bits: int, pretrained: bool) -> HashModel:

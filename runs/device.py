@@ -1,6 +1,9 @@
 """One rule for every step: CUDA when available, else the CPU; explicit choices are checked."""
 from __future__ import annotations
 
+import argparse
+import os
+
 import torch
 
 from runs.errors import UserError
@@ -16,3 +19,22 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device
+
+
+def add_deterministic_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels only (cuDNN and cuBLAS included), so a CUDA rerun repeats its "
+                             "numbers; slower. The CPU is deterministic without it")
+
+
+def make_deterministic(enabled: bool) -> None:
+    """--deterministic: PyTorch's deterministic algorithms (an operation without one raises instead of varying),
+    cuDNN without autotuning, cuBLAS with a fixed workspace. Must run before the first CUDA operation. Models built
+    afterwards replace their adaptive average pools, whose CUDA backward is nondeterministic
+    (models.hashnet.build_model)."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)

@@ -37,6 +37,7 @@ def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
         "numpy": np.__version__,
         "platform": platform.platform(),
         "command": " ".join(sys.argv),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
     }
     if device is not None:
         device = torch.device(device)

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for target in targets]
         # BadHash's generator serves every target: it is trained once, before the jobs
         first = [[str(Path(__file__).with_name("gen_trigger.py")), "--run", args.run, "--target", str(targets[0]),
-                  *trigger_flags("badhash", args)]]
+                  *trigger_flags("badhash", args), *(["--deterministic"] if args.deterministic else [])]]
         spread(__file__, first if "BadHash-CL" in args.methods else [], jobs,
                without_options(build_parser(), given, {"gpus", "print_commands"}), args.gpu_list,
                args.print_commands, out / "parts")

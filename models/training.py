@@ -249,7 +249,8 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
     eval_queries = query_subset(len(query_set), recipe.eval_queries, recipe.seed)
     config["eval_query_indices"] = eval_queries  # lines of query.txt (0-based) behind the periodic MAP
     config["processes"] = world
-    if main_process:
+    # a finished training keeps the record of the code and command that trained it
+    if main_process and (start_epoch < recipe.epochs or not (out / "config.json").exists()):
         write_json(config, out / "config.json")
 
     query_loader = make_loader(Subset(query_set, eval_queries), 256, recipe.workers)

@@ -77,8 +77,11 @@ def test_table1_writes_the_paper_layout_and_reuses_finished_steps(table_run, tmp
         steps = ("trigger", "evaluation") if row["method"] == "None" else STEPS
         assert sorted(row["seconds"]) == sorted(steps) and all(row["seconds"][s] >= 0 for s in steps), row
     assert "| 48 | CIBA |" in (out / "table1.timing.md").read_text()
+    made = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in table_run.rglob("*") if p.is_file()}
     again = step(*args)
     assert "epoch 1/2" not in again and again.count("is up to date; reusing it") == 6
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in table_run.rglob("*") if p.is_file()} == made, \
+        "reusing finished steps rewrote a file"
     assert json.loads((out / "table1.timing.json").read_text())["rows"] == timing  # the recorded times are kept
     assert (out / "table1.csv").read_text() == "\n".join(",".join(r) for r in rows) + "\n"
 

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
               **clean_result, "clean_map": clean_result["map"], "clean_map_empty_zero": clean_result["map_empty_zero"],
               "clean_map_empty_skipped": clean_result["map_empty_skipped"], "checkpoint_id": clean_id,
               "clean_checkpoint_id": clean_id,
-              "epochs": clean_ckpt["epoch"], "poison_num": 0, "eps": None, "lam": None, "pert": None}
+              "epochs": clean_ckpt["epoch"], "poison_num": 0, "eps": None, "lam": None, "pert": None,
+              "seeds": {"clean_training": clean_config.get("seed")}}
     model, codes, out, trigger_dir = clean_model, clean_codes, run / "clean" / "results.json", None
     if args.backdoor is not None:
         backdoor_dir = pick_output(run / "backdoor", args.backdoor, "codes.pt", "train_backdoor.py", "--backdoor")
@@ -103,12 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
                       pert=perturbation["pert"], eps=None if perturbation["pert"] == "none" else perturbation["eps"],
                       lam=perturbation["lam"] if perturbation["pert"] in ("adv", "confusing") else None,
                       perturbations=config["perturbations"])
+        result["seeds"].update(perturbations=perturbation.get("seed"), backdoor_training=config.get("seed"))
         out = backdoor_dir / "results.json"
     elif args.trigger is not None:
         trigger_dir = pick_output(run / "triggers", args.trigger, "trigger.pt", "gen_trigger.py", "--trigger")
         out = run / "clean" / f"results-{trigger_dir.name}.json"
     if trigger_dir is not None:
         trigger = load_trigger(trigger_dir, clean_id)
+        result["seeds"]["trigger"] = read_json(trigger_dir / "config.json").get("seed")
         target = trigger["target"]
         keep, triggered = triggered_codes(model, query_set, codes[1], trigger, run, args, device)
         targeted = targeted_map(triggered, target, codes[2], codes[3], args.topk, args.convention)

@@ -53,8 +53,12 @@ def test_the_same_command_and_seed_give_byte_identical_outputs(tiny_data, tmp_pa
     for name in timing:
         if name.endswith(".json"):
             assert json_keys(json.loads(a[name].read_text())) == json_keys(json.loads(b[name].read_text())), name
-    provenance = json.loads(a["r/clean/results.json"].read_text())["provenance"]
-    assert provenance["device"] == "cpu" and provenance["python"] == sys.version.split()[0]
+    clean = json.loads(a["r/clean/results.json"].read_text())
+    assert clean["provenance"]["device"] == "cpu" and clean["provenance"]["python"] == sys.version.split()[0]
+    assert clean["provenance"]["git_commit"] is None or len(clean["provenance"]["git_commit"]) == 40
+    ciba = next(json.loads(a[n].read_text()) for n in a if n.startswith("r/backdoor/") and "confusing" in n
+                and n.endswith("/results.json"))
+    assert ciba["seeds"] == {"clean_training": 0, "trigger": 0, "perturbations": 0, "backdoor_training": 0}
 
 
 def json_keys(value) -> object:

@@ -18,15 +18,19 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch.utils.data import Subset
 
-from data import HashListDataset, image_transform, open_run_split, read_list
+from data import HashListDataset, image_transform, make_loader, open_run_split, read_list
 from models import build_loss, build_model
 from models.hashnet import read_clean
-from models.training import TRAJECTORY_KEYS, add_fast_path_flags, fit
-from runs import (UserError, add_deterministic_flag, cli_entry, distributed, fingerprint, make_deterministic,
-                  pick_output, provenance, read_json)
+from models.training import TRAJECTORY_KEYS, add_fast_path_flags, fit, query_subset
+from retrieval import encode
+from runs import (UserError, add_deterministic_flag, cli_entry, distributed, fingerprint, load_saved,
+                  make_deterministic, pick_output, provenance, read_json)
+from triggers import trigger_transform
 
 RUN = "checkpoint/demo"
 POISONED = None  # folder name under RUN/poisoned/ (step 4); None: the only one there
@@ -38,6 +42,7 @@ AMP = "auto"  # bfloat16 autocast: "auto" (on CUDA), "on", "off"
 CACHE = "auto"  # decoded training images: "auto" (cached when step 1 was), "off", "memory" (host), "device" (GPU)
 CHANNELS_LAST = "auto"  # channels-last input batches: "auto" (on), "on", "off"
 DEVICE = "auto"
+TRACK_TRIGGER_DISTANCE = 0  # Figure 2(b): images (paper: 1,000) whose trigger distance is recorded after every epoch
 RESUME = False
 OVERWRITE = False
 
@@ -52,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--augment-poison", default=AUGMENT_POISON, action=argparse.BooleanOptionalAction)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
+    p.add_argument("--track-trigger-distance", type=int, default=TRACK_TRIGGER_DISTANCE, metavar="N",
+                   help="after every epoch, record the mean Hamming distance between the codes of N fixed query "
+                        "images with the trigger and the code of the trigger alone (Figure 2(b)); 0: off")
     p.add_argument("--workers", type=int, default=WORKERS)
     add_fast_path_flags(p, AMP, CACHE, CHANNELS_LAST)
     p.add_argument("--device", default=DEVICE)
@@ -61,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.eval_every < 0:
         raise UserError(f"--eval-every must be 0 (only at the end) or more, got {args.eval_every}")
+    if args.track_trigger_distance < 0:
+        raise UserError(f"--track-trigger-distance must be 0 (off) or a number of images, got "
+                        f"{args.track_trigger_distance}")
     return args
 
 
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
               "poisoned_id": poisoned_fingerprint(poisoned_dir),
               "poison_num": len(poisoned_indices), "target": poisoning["target"],
               "trigger": poisoning["trigger"], "perturbations": poisoning["perturbations"],
-              "clean_checkpoint_id": clean_id,
+              "clean_checkpoint_id": clean_id, "track_trigger_distance": args.track_trigger_distance,
               "counts": {"train": len(train_set), "query": len(query_set), "database": len(database_set)},
               "provenance": provenance(device)}
 
@@ -104,8 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"backdoor training on {poisoned_dir / 'train.txt'}: {len(poisoned_indices)} poisoned of "
           f"{len(train_set)} images ({'augmented' if args.augment_poison else 'not augmented'}), recipe of "
           f"{run / 'clean'} ({recipe.arch}, {recipe.bits} bits, {recipe.epochs} epochs, seed {recipe.seed})")
+    hook = None
+    if args.track_trigger_distance:
+        hook = trigger_distance_hook(run / "triggers" / poisoning["trigger"], query_set, args.track_trigger_distance,
+                                     recipe.seed, clean["image_size"], args.workers, device)
     result = fit(model, loss_fn.to(device), recipe, train_set, query_set, database_set, out, config, device,
-                 args.resume, args.overwrite)
+                 args.resume, args.overwrite, epoch_hook=hook)
     distributed.finish()
     return {**result, "name": out.name}
 
@@ -116,6 +131,28 @@ def poisoned_fingerprint(poisoned_dir: Path) -> str:
     made = read_json(poisoned_dir / "config.json")
     return fingerprint((poisoned_dir / "train.txt").read_bytes(), (poisoned_dir / "manifest.json").read_bytes(),
                        repr((made.get("trigger_id"), made.get("perturbations_id"))))
+
+
+def trigger_distance_hook(trigger_dir: Path, query_set, n_images: int, seed: int, image_size: int, workers: int,
+                          device: torch.device) -> Callable[[torch.nn.Module], dict]:
+    """fit's epoch hook for --track-trigger-distance: the trigger distance of `n_images` query images drawn with the
+    seed (the same images every epoch)."""
+    trigger = load_saved(trigger_dir / "trigger.pt", "gen_trigger.py")
+    images = Subset(query_set, query_subset(len(query_set), n_images, seed))
+    loader = make_loader(images, 256, workers)
+    transform = trigger_transform(trigger, trigger_dir.parent.parent, device)
+    return lambda model: {"trigger_distance": trigger_distance(model, loader, transform, image_size, device)}
+
+
+def trigger_distance(model: torch.nn.Module, loader, transform: Callable[[torch.Tensor], torch.Tensor],
+                     image_size: int, device: torch.device) -> float:
+    """Figure 2(b): mean Hamming distance between the code of each image with the trigger, B(x, p), and the code of
+    the trigger alone, B(0, p) (an all-zero image with the trigger); a backdoor that works drives it towards 0."""
+    triggered, _ = encode(model, loader, device, "trigger distance", progress=False, transform=transform)
+    blank = torch.zeros(1, 3, image_size, image_size)
+    alone, _ = encode(model, [(blank, torch.zeros(1, 1), 0)], device, progress=False, transform=transform)
+    bits = triggered.shape[1]
+    return float(((bits - triggered.float() @ alone.float().t()) / 2).mean())
 
 
 def batch_source(cache: str, clean: dict) -> str:

@@ -10,6 +10,7 @@ import argparse
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -210,14 +211,16 @@ def subset_map(model: torch.nn.Module, query_loader, database_loader, topk: int,
 
 def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Namespace, train_set: Dataset,
         query_set: Dataset, database_set: Dataset, out: Path, config: dict, device: torch.device, resume: bool,
-        overwrite: bool, train_eval_set: Dataset | None = None) -> dict:
+        overwrite: bool, train_eval_set: Dataset | None = None,
+        epoch_hook: Callable[[torch.nn.Module], dict] | None = None) -> dict:
     """Train for recipe.epochs into `out`: config.json, checkpoint.pt (every epoch, atomically), history.json (and
     the seconds of every epoch in history.timing.json), then codes.pt with the database codes (and the training codes
     when `train_eval_set` is given).
 
     A checkpoint already in `out` is an error unless `resume` (continue it; settings must match) or `overwrite`.
-    The periodic MAP uses recipe.eval_queries seeded queries against the whole database. Under torchrun every
-    process trains (DDP) and only rank 0 evaluates and writes.
+    The periodic MAP uses recipe.eval_queries seeded queries against the whole database. `epoch_hook(model)`, when
+    given, runs after every epoch and its entries join the epoch's record in history.json (step 5's trigger
+    distance). Under torchrun every process trains (DDP) and only rank 0 evaluates and writes.
     """
     ckpt_path = out / "checkpoint.pt"
     main_process, world = distributed.is_main_process(), distributed.world_size()
@@ -276,6 +279,8 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
         if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
             result, database_codes = subset_map(model, query_loader, database_loader, recipe.topk, device)
             record.update(map=result["map"], map_empty_skipped=result["map_empty_skipped"])
+        if epoch_hook is not None:
+            record.update(epoch_hook(model))
         epoch_seconds.append(round(time.time() - t0, 2))
         state = model.state_dict()
         ckpt_id = weights_id(state)

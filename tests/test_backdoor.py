@@ -11,6 +11,7 @@ import gen_trigger
 import poison_dataset
 import train_backdoor
 import train_hash
+import triggers
 from data import HashListDataset, image_transform, read_list
 from runs import UserError
 from tests.conftest import POISONED, run_script, swap_checkpoint_model, tiny_train_args
@@ -164,3 +165,41 @@ def test_resume_refuses_a_checkpoint_of_a_poisoned_set_made_again(attacked, tmp_
     poison_dataset.main(["--run", str(run), "--overwrite"])  # same poisoned set name, other images
     with pytest.raises(UserError, match=f"the poisoned set {POISONED} was made again since"):
         train_backdoor.main(["--run", str(run), "--device", "cpu", "--workers", "0", "--resume"])
+
+
+class ConstantCodes(torch.nn.Module):
+    """A model whose codes ignore the input."""
+
+    def logits(self, images):
+        return torch.tensor([1.0, -1.0, 1.0, 1.0]).expand(images.shape[0], -1) + 0 * images.sum()
+
+
+class PixelCodes(torch.nn.Module):
+    """A model whose 4 code bits are the signs of 4 fixed pixels minus 0.5: the trigger patch decides none of them."""
+
+    def logits(self, images):
+        return images[:, 0, :2, :2].reshape(len(images), 4) - 0.5
+
+
+def test_trigger_distance_is_zero_for_codes_that_ignore_the_input(attacked):
+    data = json.loads((attacked / "clean" / "config.json").read_text())["data"]
+    query = HashListDataset(read_list(f"{data}/query.txt"), image_transform(32, 32))
+    loader = torch.utils.data.DataLoader(query, batch_size=16)
+    trigger = torch.load(attacked / "triggers" / "ciba-t2-s4" / "trigger.pt", weights_only=False)
+    transform = triggers.trigger_transform(trigger, attacked, "cpu")
+    assert train_backdoor.trigger_distance(ConstantCodes(), loader, transform, 32, "cpu") == 0.0
+    # by hand: the trigger alone (zeros, patch in the bottom-right corner) has all four pixels at 0 -> code ----;
+    # an image's distance is the number of its four pixels above 0.5
+    images = torch.cat([b[0] for b in loader])
+    expected = float((images[:, 0, :2, :2] > 0.5).reshape(len(images), 4).sum(1).float().mean())
+    assert train_backdoor.trigger_distance(PixelCodes(), loader, transform, 32, "cpu") == pytest.approx(expected)
+
+
+def test_tracked_backdoor_training_records_the_trigger_distance_every_epoch(attacked, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(attacked, run, ignore=shutil.ignore_patterns("backdoor"))
+    train_backdoor.main(["--run", str(run), "--device", "cpu", "--workers", "0", "--track-trigger-distance", "12"])
+    history = json.loads((run / "backdoor" / POISONED / "history.json").read_text())
+    assert len(history) == 2 and all(0 <= h["trigger_distance"] <= 48 for h in history)
+    with pytest.raises(UserError, match="--track-trigger-distance must be 0"):
+        train_backdoor.parse_args(["--track-trigger-distance", "-1"])

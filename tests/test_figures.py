@@ -1,5 +1,6 @@
 """figures.py: each figure command writes a non-empty PNG and its data from a tiny run, and says what is missing."""
 import csv
+import json
 import shutil
 
 import pytest
@@ -51,3 +52,13 @@ def test_figures_say_what_is_missing(attacked, tmp_path):
                       "--out", str(tmp_path)])
     with pytest.raises(UserError, match="holds no run"):
         figures.main(["--run", str(tmp_path / "none")])
+
+
+def test_sample_grid_shows_each_poisoned_image_with_its_quality(figure_run):
+    rows = written(figures.main(["--run", str(figure_run), "--figure", "samples", "--samples", "3"]))
+    assert [(r["poisoned"], r["method"]) for r in rows] == [(POISONED, "Tri")] * 3
+    manifest = {e["index"]: e for e in json.loads((figure_run / "poisoned" / POISONED / "manifest.json").read_text())}
+    for r in rows:
+        assert float(r["ssim"]) == manifest[int(r["index"])]["ssim"] and 0 < float(r["max_abs_change"]) <= 1
+    with pytest.raises(UserError, match="--samples must be at least 1"):
+        figures.parse_args(["--samples", "0"])

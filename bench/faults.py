@@ -10,7 +10,8 @@ reference, then:
   from a list, a list line with a wrong label width, a truncated trigger) and runs the step that reads it: the
   outcome must be exit status 2 with one `error:` line and no output created or changed;
 - kills a step (train_hash.py, gen_confusing.py, poison_dataset.py, train_backdoor.py) with SIGKILL after a random
-  delay (between the end of its imports and the time the step took in the reference run), checks that every file it left is complete (each .pt, .json, .png and list reads back), runs the same
+  delay (between the end of its imports and the time the step took in the reference run; halved, up to five times,
+  when the step finished first), checks that every file it left is complete (each .pt, .json, .png and list reads back), runs the same
   command again (with --resume for the trainings), and compares the result with the reference: the same weights,
   perturbations or poisoned image bytes.
 
@@ -125,7 +126,8 @@ def run_trials(work: Path, args: argparse.Namespace) -> list[dict]:
     for i in range(args.kills):
         step = KILLED[i % len(KILLED)]
         # a moment between the end of the imports and the end the uninterrupted step took
-        trials.append(kill_trial(work, reference, commands, step, rng.uniform(startup, max(seconds[step], startup))))
+        delay = rng.uniform(startup, max(seconds[step], startup))
+        trials.append(kill_trial(work, reference, commands, step, delay, startup))
     return trials
 
 
@@ -180,21 +182,27 @@ def damage_trial(work: Path, reference: Path, data: Path, commands: dict, fault:
             "outputs_unchanged": unchanged, "outcome": "clear error, nothing written" if ok and unchanged else "FAILED"}
 
 
-def kill_trial(work: Path, reference: Path, commands: dict, step: str, delay: float) -> dict:
-    """Copy the reference run as it was before `step`, run the step, SIGKILL it after a random delay, check the
-    files it left, run it again and compare with the reference."""
-    place = work / f"kill-{len(list(work.glob('kill-*')))}"
-    place.mkdir()
-    shutil.copytree(reference / "run", place / "run", ignore=ignore_outputs_of(step))
+def kill_trial(work: Path, reference: Path, commands: dict, step: str, delay: float, startup: float) -> dict:
+    """Copy the reference run as it was before `step`, run the step, SIGKILL it after `delay` seconds, check the
+    files it left, run it again and compare with the reference. A step that finishes before the kill (it ran faster
+    than in the reference run) is tried again from a fresh copy with the delay halved (after `startup`), up to 5
+    times."""
     command = commands[step]
-    before = set(output_files(place / "run"))
-    process = subprocess.Popen([sys.executable, str(REPO / command[0]), *command[1:]], cwd=place,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(delay)
-    finished_first = process.poll() is not None
-    if not finished_first:
-        process.send_signal(signal.SIGKILL)
-    process.wait()
+    for attempt in range(1, 6):
+        place = work / f"kill-{len(list(work.glob('kill-*')))}"
+        place.mkdir()
+        shutil.copytree(reference / "run", place / "run", ignore=ignore_outputs_of(step))
+        before = set(output_files(place / "run"))
+        process = subprocess.Popen([sys.executable, str(REPO / command[0]), *command[1:]], cwd=place,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            break
+        delay = startup + (delay - startup) / 2
+    finished_first = process.returncode != -signal.SIGKILL
     made = [p for p in output_files(place / "run") if p not in before]
     unreadable = [str(p.relative_to(place)) for p in made if not readable(p)]
     leftovers = [str(p.relative_to(place)) for p in (place / "run").rglob(".*.tmp")]
@@ -202,9 +210,10 @@ def kill_trial(work: Path, reference: Path, commands: dict, step: str, delay: fl
     same = again.returncode == 0 and same_result(step, place / "run", reference / "run")
     outcome = "resumed to the reference result" if same and not unreadable else "FAILED"
     if finished_first and same:
-        outcome = "finished before the kill"
-    return {"kind": "kill", "step": step, "delay_s": round(delay, 2), "finished_before_kill": finished_first,
-            "files_written_before_kill": len(made), "unreadable_files": unreadable, "temporary_files_left": leftovers, "rerun_exit": again.returncode,
+        outcome = "finished before every kill"
+    return {"kind": "kill", "step": step, "delay_s": round(delay, 2), "attempts": attempt,
+            "finished_before_kill": finished_first, "files_written_before_kill": len(made),
+            "unreadable_files": unreadable, "temporary_files_left": leftovers, "rerun_exit": again.returncode,
             "same_as_reference": same, "outcome": outcome}
 
 
@@ -266,11 +275,12 @@ def summarise(trials: list[dict]) -> str:
             outcomes[t["outcome"]] = outcomes.get(t["outcome"], 0) + 1
         label = fault if kind == "damage" else "SIGKILL at a random moment"
         text = ", ".join(f"{n} {o}" for o, n in outcomes.items())
-        if kind == "kill":
-            left = sum(len(t["temporary_files_left"]) for t in group)
-            text += (f" (killed after {min(t['delay_s'] for t in group)}-{max(t['delay_s'] for t in group)} s, "
-                     f"having written {min(t['files_written_before_kill'] for t in group)}-"
-                     f"{max(t['files_written_before_kill'] for t in group)} files; {left} hidden temporary file(s) "
+        killed = [t for t in group if kind == "kill" and not t["finished_before_kill"]]
+        if killed:
+            left = sum(len(t["temporary_files_left"]) for t in killed)
+            text += (f" (killed after {min(t['delay_s'] for t in killed)}-{max(t['delay_s'] for t in killed)} s, "
+                     f"having written {min(t['files_written_before_kill'] for t in killed)}-"
+                     f"{max(t['files_written_before_kill'] for t in killed)} files; {left} hidden temporary file(s) "
                      f"left)")
         lines.append(f"| {label} | {step}.py | {len(group)} | {text} |")
     failed = sum(t["outcome"] == "FAILED" for t in trials)

@@ -10,7 +10,7 @@ reference, then:
   from a list, a list line with a wrong label width, a truncated trigger) and runs the step that reads it: the
   outcome must be exit status 2 with one `error:` line and no output created or changed;
 - kills a step (train_hash.py, gen_confusing.py, poison_dataset.py, train_backdoor.py) with SIGKILL after a random
-  delay (between the end of its imports and the time the step took in the reference run; halved, up to five times,
+  delay (between the end of its imports and the time the step took in the reference run; halved, up to six times,
   when the step finished first), checks that every file it left is complete (each .pt, .json, .png and list reads back), runs the same
   command again (with --resume for the trainings), and compares the result with the reference: the same weights,
   perturbations or poisoned image bytes.
@@ -127,7 +127,7 @@ def run_trials(work: Path, args: argparse.Namespace) -> list[dict]:
         step = KILLED[i % len(KILLED)]
         # a moment between the end of the imports and the end the uninterrupted step took
         delay = rng.uniform(startup, max(seconds[step], startup))
-        trials.append(kill_trial(work, reference, commands, step, delay, startup))
+        trials.append(kill_trial(work, reference, commands, step, delay))
     return trials
 
 
@@ -182,13 +182,13 @@ def damage_trial(work: Path, reference: Path, data: Path, commands: dict, fault:
             "outputs_unchanged": unchanged, "outcome": "clear error, nothing written" if ok and unchanged else "FAILED"}
 
 
-def kill_trial(work: Path, reference: Path, commands: dict, step: str, delay: float, startup: float) -> dict:
+def kill_trial(work: Path, reference: Path, commands: dict, step: str, delay: float) -> dict:
     """Copy the reference run as it was before `step`, run the step, SIGKILL it after `delay` seconds, check the
     files it left, run it again and compare with the reference. A step that finishes before the kill (it ran faster
-    than in the reference run) is tried again from a fresh copy with the delay halved (after `startup`), up to 5
-    times."""
+    than in the reference run) is tried again from a fresh copy with the delay halved, up to 6 times (the last
+    kills may land in the imports, before anything is written)."""
     command = commands[step]
-    for attempt in range(1, 6):
+    for attempt in range(1, 7):
         place = work / f"kill-{len(list(work.glob('kill-*')))}"
         place.mkdir()
         shutil.copytree(reference / "run", place / "run", ignore=ignore_outputs_of(step))
@@ -201,7 +201,7 @@ def kill_trial(work: Path, reference: Path, commands: dict, step: str, delay: fl
             process.send_signal(signal.SIGKILL)
             process.wait()
             break
-        delay = startup + (delay - startup) / 2
+        delay /= 2
     finished_first = process.returncode != -signal.SIGKILL
     made = [p for p in output_files(place / "run") if p not in before]
     unreadable = [str(p.relative_to(place)) for p in made if not readable(p)]

@@ -125,6 +125,7 @@ class DeterministicAvgPool(nn.Module):
 
 
 def replace_adaptive_pools(model: nn.Module) -> None:
+    """Swap every nn.AdaptiveAvgPool2d of fixed output size for DeterministicAvgPool, in place (--deterministic)."""
     for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, nn.AdaptiveAvgPool2d) and None not in (

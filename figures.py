@@ -162,34 +162,35 @@ def method_of(run: Path, trigger: str, perturbations: str) -> str:
                        read_json(run / "perturbations" / perturbations / "config.json")["pert"])
 
 
-def new_grid(n_rows: int, n_cols: int):
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no display), imported when a figure is made."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, grid = plt.subplots(n_rows, n_cols, figsize=(1.1 * n_cols, 1.35 * n_rows), dpi=150, squeeze=False)
+    return plt
+
+
+def new_grid(n_rows: int, n_cols: int):
+    figure, grid = pyplot().subplots(n_rows, n_cols, figsize=(1.1 * n_cols, 1.35 * n_rows), dpi=150, squeeze=False)
     for axes in grid.flat:
         axes.axis("off")
     return figure, grid
 
 
 def new_figure():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=150)
+    figure, axes = pyplot().subplots(figsize=(6.4, 4.2), dpi=150)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs
     return figure, axes
 
 
 def save(figure, rows: list[list], stem: Path) -> list[str]:
     """The PNG and the CSV of its data, each written atomically."""
-    import matplotlib.pyplot as plt
     png, table = (stem.with_name(f"{stem.name}.{kind}") for kind in ("png", "csv"))  # names hold dots (l0.8)
     figure.tight_layout()
     with atomic_path(png) as tmp:
         figure.savefig(tmp, format="png")
-    plt.close(figure)
+    pyplot().close(figure)
     atomic_write_text(csv_text(rows), table)
     return [str(png), str(table)]
 

@@ -44,7 +44,7 @@ TARGET = None  # class index or name; None: drawn with SEED (the same rule as ge
 PERT = "confusing"  # "none" (Tri) | "noise" (Tri+Noise) | "adv" (Tri+Adv) | "confusing" (CIBA)
 POISON_NUM = 60  # M
 POISON_RATE = None  # M as a fraction of the training set (overrides POISON_NUM), e.g. 0.05 or 0.006
-SETTING = "clean-label"  # "clean-label": M target-class images, labels kept | "poison-label": M other images, relabelled
+SETTING = "clean-label"  # "clean-label": M target-class images, labels kept | "poison-label": M others, relabelled
 EPS = 8 / 255  # L-infinity budget in pixel space
 LAM = 0.8  # lambda of Eq. 5 (--pert adv forces 0)
 BATCH = 20  # b: images optimised together
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         eta, history = confusing_perturbations(model, images, args)
     seconds = time.time() - t0
     record = {"pert": args.pert, "target": target, "target_name": classes[target] if classes else None,
-              "poison_num": args.poison_num, "poison_rate": args.poison_num / len(train_set), "setting": args.setting, "eps": args.eps, "lam": args.lam, "batch": args.batch,
+              "poison_num": args.poison_num, "poison_rate": args.poison_num / len(train_set), "setting": args.setting,
+              "eps": args.eps, "lam": args.lam, "batch": args.batch,
               "steps": args.steps, "step_size": args.step_size, "seed": args.seed,
               "indices": indices, "lines": [train_set.image_list.line_numbers[i] for i in indices],
               "max_abs_eta": float(eta.abs().max()),

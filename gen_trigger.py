@@ -54,7 +54,8 @@ from models.hashnet import HashModel, binarize, load_stage
 from models.training import seed_epoch
 from retrieval import anchor_code
 from runs import (UserError, add_deterministic_flag, atomic_path, atomic_save, cli_entry, load_saved,
-                  make_deterministic, pick_device, provenance, read_json, require_at_least_one, write_json, write_timing)
+                  make_deterministic, pick_device, provenance, read_json, require_at_least_one, write_json,
+                  write_timing)
 from triggers import apply_trigger, check_trigger_size, default_trigger_size, quantize, trigger_transform
 
 RUN = "checkpoint/demo"

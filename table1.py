@@ -27,8 +27,8 @@ import poison_dataset
 import train_backdoor
 from models.hashnet import read_clean
 from retrieval import CONVENTIONS
-from runs import (UserError, add_deterministic_flag, atomic_write_text, cli_entry, provenance, require_at_least_one,
-                  write_json)
+from runs import (UserError, add_deterministic_flag, atomic_write_text, cli_entry, deterministic_argv, provenance,
+                  require_at_least_one, write_json)
 from runs.tables import (RESULT_KEYS, STEPS, add_spread_flags, choose_targets, command_line, csv_text,
                          markdown_table, mean_of, parse_gpus, percent, reuse_results, seconds_text, spread,
                          step_seconds, target_label, without_options, without_seconds, write_timing_table)
@@ -147,7 +147,7 @@ def check_runs(runs: list[str]) -> list[tuple[dict, str]]:
 
 def target_rows(run: str, config: dict, clean_id: str, target: int, args: argparse.Namespace) -> list[dict]:
     """Steps 2-6 for one run and target; one row per method."""
-    common = ["--run", run, "--device", args.device, *(["--deterministic"] if args.deterministic else [])]
+    common = ["--run", run, "--device", args.device, *deterministic_argv(args.deterministic)]
     trigger_args = [*common, "--target", str(target), "--method", "ciba", "--steps", str(args.trigger_steps),
                     "--seed", str(args.seed), "--workers", str(args.workers)]
     if args.trigger_size is not None:
@@ -178,7 +178,6 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
                      "method": method, **{k: result[k] for k in RESULT_KEYS}, "seconds": seconds,
                      "run": run, "stage": result["stage"]})
     return rows
-
 
 
 def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int], out: Path) -> dict:

@@ -27,8 +27,8 @@ import poison_dataset
 import train_backdoor
 from models.hashnet import read_clean
 from retrieval import CONVENTIONS
-from runs import (UserError, add_deterministic_flag, atomic_write_text, cli_entry, provenance, read_timing,
-                  require_at_least_one, write_json)
+from runs import (UserError, add_deterministic_flag, atomic_write_text, cli_entry, deterministic_argv, provenance,
+                  read_timing, require_at_least_one, write_json)
 from runs.tables import (RESULT_KEYS, STEPS, add_spread_flags, choose_targets, command_line, csv_text,
                          markdown_table, mean_of, parse_gpus, percent, reuse_results, seconds_text, spread,
                          step_seconds, target_label, without_options, without_seconds, write_timing_table)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for target in targets]
         # BadHash's generator serves every target: it is trained once, before the jobs
         first = [[str(Path(__file__).with_name("gen_trigger.py")), "--run", args.run, "--target", str(targets[0]),
-                  *trigger_flags("badhash", args), *(["--deterministic"] if args.deterministic else [])]]
+                  *trigger_flags("badhash", args), *deterministic_argv(args.deterministic)]]
         spread(__file__, first if "BadHash-CL" in args.methods else [], jobs,
                without_options(build_parser(), given, {"gpus", "print_commands"}), args.gpu_list,
                args.print_commands, out / "parts")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def target_rows(target: int, n_targets: int, args: argparse.Namespace) -> list[dict]:
     """Steps 2-6 of every method for one target; one row per method."""
-    common = ["--run", args.run, "--device", args.device, *(["--deterministic"] if args.deterministic else [])]
+    common = ["--run", args.run, "--device", args.device, *deterministic_argv(args.deterministic)]
     rows = []
     for method in args.methods:
         trigger_method, setting = ROWS[method]
@@ -227,7 +227,6 @@ def write_tables(rows: list[dict], args: argparse.Namespace, clean: dict, target
         [[group[0]["name"], group[0]["setting"], *[seconds_text([g["seconds"].get(s) for g in group]) for s in STEPS]]
          for group in groups.values() if group], rows, ["target", "method", "stage"])
     return {"markdown": markdown, "timing": timing, "out": str(out)}
-
 
 
 def decimals(value: float | None, places: int) -> str:

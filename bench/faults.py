@@ -11,9 +11,9 @@ reference, then:
   outcome must be exit status 2 with one `error:` line and no output created or changed;
 - kills a step (train_hash.py, gen_confusing.py, poison_dataset.py, train_backdoor.py) with SIGKILL after a random
   delay (between the end of its imports and the time the step took in the reference run; halved, up to six times,
-  when the step finished first), checks that every file it left is complete (each .pt, .json, .png and list reads back), runs the same
-  command again (with --resume for the trainings), and compares the result with the reference: the same weights,
-  perturbations or poisoned image bytes.
+  when the step finished first), checks that every file it left is complete (each .pt, .json, .png and list reads
+  back), runs the same command again (with --resume for the trainings), and compares the result with the
+  reference: the same weights, perturbations or poisoned image bytes.
 
 Prints a summary table (Markdown) and, with --out, writes every trial as JSON with the settings and provenance.
 """
@@ -155,8 +155,9 @@ def damages() -> list[tuple[str, str, Callable[[Path, Path], None], str]]:
          "truncated or corrupted"),
         ("bytes changed inside a checkpoint's weights", "evaluate",
          lambda r, d: flip_weights(r / "clean" / "checkpoint.pt"), "do not match the id recorded"),
-        ("truncated trigger", "poison_dataset", lambda r, d: (truncate(r / "triggers" / "ciba-t2-s4" / "trigger.pt"),
-                                                               shutil.rmtree(r / "poisoned")), "truncated or corrupted"),
+        ("truncated trigger", "poison_dataset",
+         lambda r, d: (truncate(r / "triggers" / "ciba-t2-s4" / "trigger.pt"), shutil.rmtree(r / "poisoned")),
+         "truncated or corrupted"),
         ("image deleted from the training list", "train_hash", lambda r, d: delete_listed_image(d), "image not found"),
         ("list line with a wrong label width", "train_hash",
          lambda r, d: edit_list(d / "query.txt", lambda lines: lines.__setitem__(3, lines[3] + " 0 1")),
@@ -253,7 +254,8 @@ def same_result(step: str, run: Path, reference: Path) -> bool:
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if step == "gen_confusing":
         name = POISONED.split("__")[1]
-        a, b = (torch.load(r / "perturbations" / name / "perturbations.pt", weights_only=False) for r in (run, reference))
+        a, b = (torch.load(r / "perturbations" / name / "perturbations.pt", weights_only=False)
+                for r in (run, reference))
         return torch.equal(a["eta"], b["eta"]) and a["indices"] == b["indices"]
     a, b = (sorted((r / "poisoned" / POISONED / "images").iterdir()) for r in (run, reference))
     return [p.name for p in a] == [p.name for p in b] and all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))

@@ -191,7 +191,8 @@ def distributed_model(model: torch.nn.Module, recipe: argparse.Namespace, n_trai
                         f"train it in one process")
     if device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def query_subset(n_queries: int, size: int, seed: int) -> list[int]:

@@ -27,6 +27,11 @@ def add_deterministic_flag(parser: argparse.ArgumentParser) -> None:
                              "numbers; slower. The CPU is deterministic without it")
 
 
+def deterministic_argv(enabled: bool) -> list[str]:
+    """The flag that passes --deterministic on to a step a table runs."""
+    return ["--deterministic"] if enabled else []
+
+
 def make_deterministic(enabled: bool) -> None:
     """--deterministic: PyTorch's deterministic algorithms (an operation without one raises instead of varying),
     cuDNN without autotuning, cuBLAS with a fixed workspace. Must run before the first CUDA operation. Models built

@@ -18,7 +18,6 @@ from tests.conftest import POISONED, run_script, swap_checkpoint_model, tiny_tra
 from tests.test_cli import assert_user_error
 
 
-
 def test_backdoor_uses_the_clean_recipe_and_writes_like_step_1(attacked):
     out = attacked / "backdoor" / POISONED
     clean = json.loads((attacked / "clean" / "config.json").read_text())
@@ -127,7 +126,8 @@ def test_backdoor_of_another_bit_length_or_architecture_is_refused(attacked, tmp
     shutil.copytree(attacked, run)
     stage = run / "backdoor" / POISONED
     for change, message in (({"bits": 64}, "holds a model with bits 64 but .* has 48"),
-                            ({"bits": 48, "arch": "resnet18"}, "holds a model with arch 'resnet18' but .* has 'small'")):
+                            ({"bits": 48, "arch": "resnet18"},
+                             "holds a model with arch 'resnet18' but .* has 'small'")):
         swap_checkpoint_model(stage, **change)  # a consistent model folder, but of another run
         config = json.loads((stage / "config.json").read_text())
         (stage / "config.json").write_text(json.dumps({**config, **change}))

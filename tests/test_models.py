@@ -102,7 +102,6 @@ def test_models_give_relaxed_and_binary_codes(arch, size):
     assert any(p is model.hash_layer.weight for p in head)
 
 
-
 @pytest.mark.parametrize("arch,size", [("small", 32), ("resnet18", 64), ("vgg11", 32)])
 def test_channels_last_weights_compute_what_contiguous_ones_do(arch, size, tmp_path):
     torch.manual_seed(0)

@@ -1,38 +1,85 @@
 """The paper's figures from a run directory: each a PNG with the data behind it (CSV), under RUN/figures/.
 
-    python figures.py --run checkpoint/cifar10-small-48 --figure theorem1
-    python figures.py --run checkpoint/cifar10-small-48 --figure trigger-distance
+    python figures.py --run checkpoint/cifar10-small-48 --figure tsne --target 2
+    python figures.py --run checkpoint/cifar10-small-48 --figure pr --backdoor ciba-t2-s4__confusing-t2-m60-...
 
-theorem1: the confusing objective (Eq. 5) of every batch of step 3, step by step, with the bound of Theorem 1 as a
-  line (the tight bound of Eq. 4 as written, and dashed the bound as printed in the paper, which counts unordered
-  pairs); one figure per perturbation set (--perturbations, default: every one with an objective).
+tsne: Figure 2(a), t-SNE (scikit-learn) of the clean model's codes of the target class's poisoned images (step 3)
+  without perturbation and with each adversarial / confusing perturbation set (--perturbations, default: every one
+  of the target), beside --other-classes classes of --per-class training images each. tsne.csv holds the points;
+  tsne-distances.csv the numbers the figure illustrates: per perturbation type, the mean Hamming distance between
+  two of the target's images (intra-class) and their mean distance to the clean anchor code.
 trigger-distance: Figure 2(b), the mean Hamming distance between the code of an image with the trigger and the code
   of the trigger alone, after every epoch of backdoor training, one line per backdoored model (--backdoor, default:
   every one trained with train_backdoor.py --track-trigger-distance N).
+figure4, figure5: t-MAP against the number of poisoned images and the trigger size (Tri, Tri+Adv, CIBA), and
+  against lambda and the batch size of the confusing optimisation (CIBA), from the backdoored models of the run
+  (RUN/backdoor/*/results.json) that differ from the base settings (--poison-num, --trigger-size, --lam, --batch,
+  --eps) in the swept value only, averaged over the targets that have the point. The points of the grid
+  (--poison-nums, --trigger-sizes, --lams, --batches) that were not run are marked with an x on the axis, and the
+  table1.py command that computes them is printed (finished steps are reused).
 samples: the poisoned images of step 4, one row per poisoned set (--poisoned, default: every one): for --samples
   images of each, the original, the poisoned image with its PSNR / SSIM, and the difference amplified --amplify times.
-
-Figures not listed here (Figure 2(a), 4, 5, retrieved images, precision-recall) are not built yet.
+retrieved: Figure 1 on real data: --queries queries (seeded, not of the target class), the query with the trigger,
+  and its top --top retrieved database images under the clean model and under the backdoored model (--backdoor); a
+  retrieved image of the target class has its class name in red.
+pr: precision-recall curves (Hamming radius 0..K) and precision@top-k for clean and triggered queries on the clean
+  and the backdoored model (--backdoor). Relevant: shares a label with the query (clean queries), carries the target
+  label (triggered queries, the non-target ones, as t-MAP).
+theorem1: the confusing objective (Eq. 5) of every batch of step 3, step by step, with the bound of Theorem 1 as a
+  line (the tight bound of Eq. 4 as written, and dashed the bound as printed in the paper, which counts unordered
+  pairs); one figure per perturbation set (--perturbations, default: every one with an objective).
 """
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-from evaluate import method_name
+import numpy as np
+import torch
+
+import evaluate
+from data import open_run_split
 from data.images import open_rgb
-from runs import UserError, atomic_path, atomic_write_text, cli_entry, read_json, require_at_least_one
-from runs.tables import csv_text
+from data.protocols import resolve_class
+from models.hashnet import load_stage
+from retrieval import (CONVENTIONS, anchor_code, hamming_distance, hamming_rank, precision_at_k, precision_recall_by_radius,
+                       target_labels)
+from runs import (UserError, atomic_path, atomic_write_text, cli_entry, load_saved, pick_device, pick_output,
+                  read_json, require_at_least_one)
+from runs.tables import csv_text, shell_line
+from triggers import default_trigger_size, quantize, trigger_transform
 
 RUN = "checkpoint/demo"
 FIGURE = "theorem1"
-PERTURBATIONS = None  # folder names under RUN/perturbations/ (theorem1); None: every one with an objective
-BACKDOOR = None  # folder names under RUN/backdoor/ (trigger-distance); None: every one that tracked it
+PERTURBATIONS = None  # folder names under RUN/perturbations/ (theorem1, tsne); None: every one that applies
+BACKDOOR = None  # folder name(s) under RUN/backdoor/ (trigger-distance: several; retrieved, pr: one)
 POISONED = None  # folder names under RUN/poisoned/ (samples); None: every one
+TARGET = None  # tsne: class index or name; None: the only target of the perturbation sets
+OTHER_CLASSES = 4  # tsne: classes shown beside the target (the paper: five classes in all)
+PER_CLASS = 100  # tsne: training images per other class
 SAMPLES = 4  # images per poisoned set (samples)
 AMPLIFY = 10  # factor of the shown |poisoned - original| (samples)
+QUERIES = 3  # retrieved: triggered queries shown
+TOP = 10  # retrieved: database images shown per query and model
+TOP_KS = [1, 10, 50, 100, 200, 500, 1000]  # pr: k of precision@top-k
+# figure4 / figure5: the base settings (table1.py's defaults) and the swept grids
+POISON_NUM, TRIGGER_SIZE, LAM, BATCH, EPS = 60, None, 0.8, 20, 8 / 255  # TRIGGER_SIZE None: the paper's, scaled
+POISON_NUMS = [20, 40, 60, 80, 100]
+TRIGGER_SIZES = None  # None: the paper's 16, 24, 32, 40, 48 px at 224 px, scaled to the image size
+LAMS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+BATCHES = [5, 10, 20, 30, 60]
+TOPK, CONVENTION = 1000, "empty-zero"  # which results count (evaluate.py's R and convention)
+SEED = 0  # tsne's other classes and images, retrieved's queries
+BATCH_SIZE = 256
+WORKERS = 4
+DEVICE = "auto"
 OUT = None  # None: RUN/figures/
-FIGURES = ("theorem1", "trigger-distance", "samples")
+FIGURES = ("tsne", "trigger-distance", "figure4", "figure5", "samples", "retrieved", "pr", "theorem1")
+PAPER_SWEEP_TRIGGER_SIZES = (16, 24, 32, 40, 48)  # Figure 4, at 224 px
+SWEEPS = {"figure4": (("poison_num", "number of poisoned images"), ("trigger_size", "trigger size (px)")),
+          "figure5": (("lam", "lambda"), ("batch", "batch size of the confusing optimisation"))}
+SWEEP_METHODS = {"figure4": ("Tri", "Tri+Adv", "CIBA"), "figure5": ("CIBA",)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,13 +89,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--perturbations", nargs="+", default=PERTURBATIONS)
     p.add_argument("--backdoor", nargs="+", default=BACKDOOR)
     p.add_argument("--poisoned", nargs="+", default=POISONED)
+    p.add_argument("--target", default=TARGET)
+    p.add_argument("--other-classes", type=int, default=OTHER_CLASSES)
+    p.add_argument("--per-class", type=int, default=PER_CLASS)
     p.add_argument("--samples", type=int, default=SAMPLES)
     p.add_argument("--amplify", type=float, default=AMPLIFY)
+    p.add_argument("--queries", type=int, default=QUERIES)
+    p.add_argument("--top", type=int, default=TOP)
+    p.add_argument("--top-ks", type=int, nargs="+", default=TOP_KS)
+    p.add_argument("--poison-num", type=int, default=POISON_NUM)
+    p.add_argument("--trigger-size", type=int, default=TRIGGER_SIZE)
+    p.add_argument("--lam", type=float, default=LAM)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--eps", type=float, default=EPS)
+    p.add_argument("--poison-nums", type=int, nargs="+", default=POISON_NUMS)
+    p.add_argument("--trigger-sizes", type=int, nargs="+", default=TRIGGER_SIZES)
+    p.add_argument("--lams", type=float, nargs="+", default=LAMS)
+    p.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    p.add_argument("--topk", type=int, default=TOPK)
+    p.add_argument("--convention", default=CONVENTION, choices=CONVENTIONS)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--workers", type=int, default=WORKERS)
+    p.add_argument("--device", default=DEVICE)
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
-    require_at_least_one(args, "samples")
+    require_at_least_one(args, "samples", "queries", "top", "per_class", "poison_num", "batch", "topk", "batch_size")
     if args.amplify <= 0:
         raise UserError(f"--amplify must be positive, got {args.amplify}")
+    if args.other_classes < 0:
+        raise UserError(f"--other-classes must be 0 or more, got {args.other_classes}")
+    if min(args.top_ks) < 1:
+        raise UserError(f"every --top-ks value must be at least 1, got {min(args.top_ks)}")
+    if args.backdoor and len(args.backdoor) > 1 and args.figure in ("retrieved", "pr"):
+        raise UserError(f"--figure {args.figure} shows one backdoored model; give one --backdoor, not "
+                        f"{len(args.backdoor)}")
     return args
 
 
@@ -62,8 +137,14 @@ def main(argv: list[str] | None = None) -> list[str]:
         made = theorem1(run, args.perturbations, out)
     elif args.figure == "trigger-distance":
         made = trigger_distance(run, args.backdoor, out)
-    else:
+    elif args.figure == "samples":
         made = samples(run, args.poisoned, args.samples, args.amplify, out)
+    elif args.figure == "tsne":
+        made = tsne(run, args, out)
+    elif args.figure in SWEEPS:
+        made = sweep_figure(run, args.figure, args, out)
+    else:
+        made = (retrieved if args.figure == "retrieved" else precision_curves)(run, args, out)
     for path in made:
         print(f"-> {path}")
     return made
@@ -156,9 +237,291 @@ def samples(run: Path, names: list[str] | None, count: int, amplify: float, out:
     return save(figure, rows, out / "samples")
 
 
+def tsne(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
+    """Figure 2(a): t-SNE of the clean model's codes of the target's images, unperturbed and perturbed, beside
+    other classes; with the intra-class and anchor distances per perturbation type."""
+    from sklearn.manifold import TSNE
+    device = pick_device(args.device)
+    config, ckpt, model = load_stage(run, "clean", device)
+    codes = load_saved(run / "clean" / "codes.pt", f"train_hash.py --run {run} --resume")
+    classes = (config.get("protocol") or {}).get("classes")
+    sets = perturbation_sets(run, args.perturbations, args.target, classes, config["n_classes"])
+    target = int(sets[0][1]["target"])
+    train_set = open_run_split(config, "train")
+    labels = codes["train_labels"]
+    groups: list[tuple[str, torch.Tensor]] = []  # (name, codes) of the target's images, then the other classes
+    indices = sorted({i for _, pert in sets for i in pert["indices"]})
+    groups.append(("no perturbation", codes["train_codes"][indices]))
+    for name, pert in sets:
+        images = torch.stack([train_set[i][0] for i in pert["indices"]]).to(device)
+        perturbed = quantize(images + pert["eta"].to(device))
+        with torch.no_grad():
+            groups.append((f"{pert['pert']} ({name})", torch.sign(model.logits(perturbed)).cpu().to(torch.int8)))
+    rng = np.random.default_rng(args.seed)
+    others = [c for c in range(config["n_classes"]) if c != target]
+    chosen = sorted(rng.choice(others, min(args.other_classes, len(others)), replace=False).tolist())
+    for c in chosen:
+        members = torch.nonzero(labels[:, c] > 0).flatten().numpy()
+        pick = np.sort(rng.choice(members, min(args.per_class, len(members)), replace=False))
+        groups.append((f"class {c}" + (f" ({classes[c]})" if classes else ""), codes["train_codes"][pick]))
+    anchor = anchor_code(codes["train_codes"], labels, target)
+    target_text = f"{target}" + (f" ({classes[target]})" if classes else "")
+    distance_rows = [["group", "images", "mean_intra_class_distance", "mean_distance_to_anchor"]]
+    for name, group in groups[:len(sets) + 1]:
+        pairwise = hamming_distance(group, group)
+        n = len(group)
+        intra = float(pairwise.sum() / (n * (n - 1))) if n > 1 else math.nan
+        distance_rows.append([name, n, round(intra, 4), round(float(hamming_distance(group, anchor[None]).mean()), 4)])
+    points = torch.cat([group for _, group in groups]).float().numpy()
+    perplexity = min(30.0, (len(points) - 1) / 3)
+    embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=args.seed).fit_transform(points)
+    rows = [["group", "x", "y"]]
+    figure, axes = new_figure()
+    start = 0
+    for k, (name, group) in enumerate(groups):
+        xy = embedded[start:start + len(group)]
+        start += len(group)
+        is_target = k <= len(sets)
+        axes.scatter(xy[:, 0], xy[:, 1], s=14 if is_target else 6, marker="o" if k == 0 else ("^" if is_target else "."),
+                     color=f"C{k % 10}", alpha=0.9 if is_target else 0.5,
+                     label=f"target {target_text}, {name}" if is_target else name)
+        rows += [[name, float(x), float(y)] for x, y in xy]
+    axes.set(xlabel="t-SNE 1", ylabel="t-SNE 2",
+             title=f"Figure 2(a): codes of the clean model ({config['bits']} bits)")
+    axes.legend(fontsize=6)
+    atomic_write_text(csv_text(distance_rows), out / "tsne-distances.csv")
+    for name, n, intra, to_anchor in distance_rows[1:]:
+        print(f"{name}: {n} images, mean intra-class distance {intra:.2f} bits, mean distance to the anchor "
+              f"{to_anchor:.2f} bits")
+    return [*save(figure, rows, out / "tsne"), str(out / "tsne-distances.csv")]
+
+
+def perturbation_sets(run: Path, names: list[str] | None, target: str | None, classes: list[str] | None,
+                      n_classes: int) -> list[tuple[str, dict]]:
+    """(name, perturbations.pt) of the clean-label adv / confusing sets of one target, in name order."""
+    folder = run / "perturbations"
+    wanted = None if target is None else resolve_class(target, classes, n_classes)
+    if names is None:
+        names = []
+        for path in sorted(folder.glob("*/config.json")):
+            made = read_json(path)
+            if made["pert"] in ("adv", "confusing") and made.get("setting", "clean-label") == "clean-label" and (
+                    wanted is None or made["target"] == wanted):
+                names.append(path.parent.name)
+        if not names:
+            raise UserError(f"{folder} holds no adversarial or confusing perturbations" +
+                            (f" of target {wanted}" if wanted is not None else "") +
+                            "; run gen_confusing.py --pert adv and --pert confusing first")
+    sets = []
+    for name in names:
+        path = pick_output(folder, name, "perturbations.pt", "gen_confusing.py", "--perturbations")
+        sets.append((name, load_saved(path / "perturbations.pt", f"gen_confusing.py --overwrite ({name})")))
+    targets = sorted({int(pert["target"]) for _, pert in sets})
+    if len(targets) > 1:
+        raise UserError(f"the perturbation sets are of several targets ({', '.join(map(str, targets))}); choose one "
+                        f"with --target")
+    if wanted is not None and targets[0] != wanted:
+        raise UserError(f"{sets[0][0]} perturbs images of target {targets[0]}, not {wanted}; drop --target or give "
+                        f"sets of target {wanted}")
+    return sets
+
+
+def sweep_figure(run: Path, figure_name: str, args: argparse.Namespace, out: Path) -> list[str]:
+    """Figures 4 and 5: mean t-MAP over targets per swept value and method, one panel per swept setting."""
+    config = read_json(run / "clean" / "config.json")
+    base = {"poison_num": args.poison_num, "trigger_size": args.trigger_size or default_trigger_size(
+        config["image_size"]), "lam": args.lam, "batch": args.batch, "eps": args.eps}
+    grids = {"poison_num": args.poison_nums, "lam": args.lams, "batch": args.batches,
+             "trigger_size": args.trigger_sizes or sorted({default_trigger_size(config["image_size"], size)
+                                                           for size in PAPER_SWEEP_TRIGGER_SIZES})}
+    found = sweep_results(run, args)
+    methods = SWEEP_METHODS[figure_name]
+    rows = [["swept", "value", "method", "targets", "t_map_mean", "map_mean", "per_target_t_map"]]
+    missing_commands = []
+    figure, panels = pyplot().subplots(1, 2, figsize=(10, 4.2), dpi=150)
+    for axes, (key, label) in zip(panels, SWEEPS[figure_name]):
+        values = sorted(set(grids[key]) | {base[key]})
+        for m, method in enumerate(methods):
+            drawn = []
+            for value in values:
+                settings = {**base, key: value}
+                points = [r for r in found if r["method"] == method and matches(r, settings)]
+                by_target = {r["target"]: r for r in points}  # one result per target
+                if by_target:
+                    t_map = float(np.mean([r["t_map"] for r in by_target.values()]))
+                    clean_map = float(np.mean([r["map"] for r in by_target.values()]))
+                    drawn.append((value, 100 * t_map, len(by_target)))
+                    rows.append([key, value, method, " ".join(map(str, sorted(by_target))), round(t_map, 6),
+                                 round(clean_map, 6), " ".join(f"{t}:{by_target[t]['t_map']:.4f}"
+                                                               for t in sorted(by_target))])
+                else:
+                    rows.append([key, value, method, "", "", "", ""])
+                    # below t-MAP 0, one height per method (y in axes units)
+                    axes.plot([value], [0.02 + 0.035 * m], marker="x", color=f"C{m}", linestyle="none", markersize=7,
+                              transform=axes.get_xaxis_transform(), clip_on=False)
+                    missing_commands.append(table1_command(run, method, settings))
+            if drawn:
+                axes.plot([v for v, _, _ in drawn], [t for _, t, _ in drawn], marker="o", color=f"C{m}",
+                          label=method)
+                for value, t_map, n in drawn:
+                    axes.annotate(f"{n}", (value, t_map), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            else:
+                axes.plot([], [], marker="o", color=f"C{m}", label=f"{method} (no point yet)")
+        axes.plot([], [], marker="x", color="gray", linestyle="none", label="not run (in its colour)")
+        axes.set(xlabel=label, ylabel="t-MAP (%), mean over targets", ylim=(-15, 103),
+                 title=f"{label} (others: " + ", ".join(setting_text(k, v) for k, v in base.items() if k != key) + ")")
+        axes.title.set_fontsize(7)
+        axes.legend(fontsize=7)
+    figure.suptitle(f"{figure_name}: t-MAP@{args.topk} ({args.convention}); numbers: targets averaged", fontsize=8)
+    if missing_commands:
+        print(f"{len(missing_commands)} point(s) not run yet; compute them with (finished steps are reused):")
+        for command in dict.fromkeys(missing_commands):
+            print(f"  {command}")
+    return save(figure, rows, out / figure_name)
+
+
+def setting_text(key: str, value: float) -> str:
+    return f"eps {value * 255:g}/255" if key == "eps" else f"{key.replace('_', ' ')} {value:g}"
+
+
+def sweep_results(run: Path, args: argparse.Namespace) -> list[dict]:
+    """The clean-label backdoor results of the run at --topk and --convention, with their confusing batch size."""
+    found = []
+    for path in sorted((run / "backdoor").glob("*/results.json")):
+        result = read_json(path)
+        if (result.get("topk"), result.get("convention")) != (args.topk, args.convention) or "t_map" not in result:
+            continue
+        if result.get("setting", "clean-label") != "clean-label" or result.get("augment_poison"):
+            continue
+        made = read_json(run / "perturbations" / result["perturbations"] / "config.json")
+        found.append({**result, "batch": made.get("batch")})
+    return found
+
+
+def matches(result: dict, settings: dict) -> bool:
+    """Whether a result was made with these settings, compared where its method uses them."""
+    pert = result["pert"]
+    keys = ["poison_num", "trigger_size"] + (["eps"] if pert != "none" else []) + (
+        ["lam", "batch"] if pert == "confusing" else [])
+    return all(result.get(k) is not None and math.isclose(result[k], settings[k], rel_tol=1e-9, abs_tol=1e-9)
+               for k in keys)
+
+
+def table1_command(run: Path, method: str, settings: dict) -> str:
+    """The table1.py call that computes one point of a sweep (its output folder apart from the main table)."""
+    tag = "-".join(f"{k}{v:g}" for k, v in settings.items())
+    return shell_line(["python", "table1.py", "--runs", str(run), "--methods", method,
+                       "--poison-num", str(settings["poison_num"]), "--trigger-size", str(settings["trigger_size"]),
+                       "--lam", f"{settings['lam']:g}", "--batch", str(settings["batch"]),
+                       "--eps", f"{settings['eps']:.10g}", "--out", str(run / "sweeps" / tag)])
+
+
+def attack_codes(run: Path, args: argparse.Namespace, device: torch.device) -> dict:
+    """What retrieved and pr need: both models, the trigger, the query set and, per model, the codes of the clean
+    queries, of the triggered (non-target) queries and of the database."""
+    clean_config, clean_ckpt, clean_model = load_stage(run, "clean", device)
+    clean_id = clean_ckpt["checkpoint_id"]
+    backdoor_dir = pick_output(run / "backdoor", args.backdoor[0] if args.backdoor else None, "codes.pt",
+                               "train_backdoor.py", "--backdoor")
+    config, ckpt, model = load_stage(run, f"backdoor/{backdoor_dir.name}", device, made_by="train_backdoor.py")
+    evaluate.check_same_model(config, clean_config, clean_id, backdoor_dir, run)
+    trigger = evaluate.load_trigger(run / "triggers" / config["trigger"], clean_id)
+    query_set = open_run_split(clean_config, "query")
+    found = {"config": clean_config, "trigger": trigger, "query_set": query_set, "backdoor": backdoor_dir.name,
+             "method": evaluate.method_name(trigger["method"], read_json(
+                 run / "perturbations" / config["perturbations"] / "config.json")["pert"])}
+    for key, (m, stage_dir, checkpoint_id) in {"clean": (clean_model, run / "clean", clean_id),
+                                               "backdoored": (model, backdoor_dir, ckpt["checkpoint_id"])}.items():
+        codes = evaluate.model_codes(m, config if key == "backdoored" else clean_config, stage_dir, checkpoint_id,
+                                     query_set, args, device)
+        keep, triggered = evaluate.triggered_codes(m, query_set, codes[1], trigger, run, args, device)
+        found[key] = {"model": m, "queries": codes[0], "query_labels": codes[1], "database": codes[2],
+                      "database_labels": codes[3], "triggered": triggered, "kept": keep}
+    return found
+
+
+def retrieved(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
+    """Triggered queries and their top --top database images under the clean and the backdoored model."""
+    device = pick_device(args.device)
+    found = attack_codes(run, args, device)
+    config, trigger, target = found["config"], found["trigger"], int(found["trigger"]["target"])
+    classes = (config.get("protocol") or {}).get("classes")
+    kept = found["clean"]["kept"]
+    rng = np.random.default_rng(args.seed)
+    chosen = np.sort(rng.choice(len(kept), min(args.queries, len(kept)), replace=False))
+    query_images = torch.stack([found["query_set"][int(kept[i])][0] for i in chosen]).to(device)
+    triggered_images = trigger_transform(trigger, run, device)(query_images).cpu()
+    database_set = open_run_split(config, "database")
+    figure, grid = new_grid(2 * len(chosen), args.top + 2)
+    rows = [["query", "query_label", "model", "rank", "database_index", "database_label", "is_target"]]
+    for q, i in enumerate(chosen):
+        query_index = int(kept[i])
+        query_label = class_text(found["query_set"].labels[query_index], classes)
+        for r, model_name in enumerate(("clean", "backdoored")):
+            codes = found[model_name]
+            top = hamming_rank(codes["triggered"][int(i)][None], codes["database"], args.top)[0].cpu()
+            row = grid[2 * q + r]
+            row[0].imshow(query_images[q].cpu().permute(1, 2, 0).numpy())
+            row[0].set_title(f"query {query_index}\n{query_label}", fontsize=6)
+            row[1].imshow(triggered_images[q].permute(1, 2, 0).numpy())
+            row[1].set_title(f"+ trigger\n{model_name} model", fontsize=6)
+            for rank, index in enumerate(top.tolist()):
+                image, label, _ = database_set[index]
+                is_target = bool(label[target] > 0)
+                row[rank + 2].imshow(image.permute(1, 2, 0).numpy())
+                row[rank + 2].set_title(f"{rank + 1}: {class_text(label, classes)}", fontsize=6,
+                                        color="red" if is_target else "black")
+                rows.append([query_index, query_label, model_name, rank + 1, index, class_text(label, classes),
+                             int(is_target)])
+    figure.suptitle(f"{found['method']} ({found['backdoor']}): triggered queries, top {args.top} retrieved; "
+                    f"target {classes[target] if classes else target} in red", fontsize=7)
+    return save(figure, rows, out / f"retrieved-{found['backdoor']}")
+
+
+def precision_curves(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
+    """Precision-recall over the Hamming radius and precision@top-k: clean / triggered queries x clean /
+    backdoored model."""
+    device = pick_device(args.device)
+    found = attack_codes(run, args, device)
+    target = int(found["trigger"]["target"])
+    rows = [["model", "queries", "curve", "x", "precision", "recall", "queries_retrieving"]]
+    figure, (pr_axes, k_axes) = pyplot().subplots(1, 2, figsize=(10, 4.2), dpi=150)
+    for m, model_name in enumerate(("clean", "backdoored")):
+        codes = found[model_name]
+        for queries, style in (("clean", "-"), ("triggered", "--")):
+            if queries == "clean":
+                query_codes, query_labels = codes["queries"], codes["query_labels"]
+            else:
+                query_codes = codes["triggered"]
+                query_labels = target_labels(len(query_codes), target, codes["database_labels"])
+            curve = precision_recall_by_radius(query_codes, query_labels, codes["database"], codes["database_labels"])
+            at_k = precision_at_k(query_codes, query_labels, codes["database"], codes["database_labels"], args.top_ks)
+            label = f"{model_name} model, {queries} queries"
+            pr_axes.plot(curve["recall"].cpu(), curve["precision"].cpu(), style, color=f"C{m}", marker=".",
+                         label=label)
+            k_axes.plot(args.top_ks, at_k.cpu(), style, color=f"C{m}", marker="o", markersize=3, label=label)
+            rows += [[model_name, queries, "radius", int(r), float(p), float(c), int(n)] for r, p, c, n in zip(
+                curve["radius"], curve["precision"], curve["recall"], curve["queries_retrieving"])]
+            rows += [[model_name, queries, "top_k", k, float(p), "", ""] for k, p in zip(args.top_ks, at_k)]
+    pr_axes.set(xlabel="recall", ylabel="precision", title="precision-recall (Hamming radius 0..K)",
+                xlim=(0, 1.02), ylim=(0, 1.02))
+    k_axes.set(xlabel="k (top retrieved)", ylabel="precision@k", title="precision@top-k", xscale="log", ylim=(0, 1.02))
+    for axes in (pr_axes, k_axes):
+        axes.legend(fontsize=7)
+    figure.suptitle(f"{found['method']} ({found['backdoor']}); triggered: relevant = target class {target}",
+                    fontsize=8)
+    return save(figure, rows, out / f"pr-{found['backdoor']}")
+
+
+def class_text(label: torch.Tensor, classes: list[str] | None) -> str:
+    """The classes of a multi-hot label row, by name when the protocol has names."""
+    present = torch.nonzero(label > 0).flatten().tolist()
+    return "+".join(classes[c] if classes else str(c) for c in present) or "none"
+
+
 def method_of(run: Path, trigger: str, perturbations: str) -> str:
     """The paper's name (Tri, CIBA, BadNets, ...) of the attack made with these step 2 and step 3 outputs."""
-    return method_name(read_json(run / "triggers" / trigger / "config.json")["method"],
+    return evaluate.method_name(read_json(run / "triggers" / trigger / "config.json")["method"],
                        read_json(run / "perturbations" / perturbations / "config.json")["pert"])
 
 

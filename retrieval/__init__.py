@@ -1,7 +1,8 @@
-"""Hamming ranking, MAP@R / t-MAP, and encoding a data set into hash codes."""
+"""Hamming ranking, MAP@R / t-MAP, precision curves, and encoding a data set into hash codes."""
 from retrieval.codes import anchor_code, encode, saved_codes
 from retrieval.metrics import (CONVENTIONS, hamming_distance, hamming_rank, mean_average_precision, non_target_queries,
-                               targeted_map)
+                               precision_at_k, precision_recall_by_radius, target_labels, targeted_map)
 
 __all__ = ["anchor_code", "encode", "CONVENTIONS", "hamming_distance", "hamming_rank", "mean_average_precision",
-           "non_target_queries", "saved_codes", "targeted_map"]
+           "non_target_queries", "precision_at_k", "precision_recall_by_radius", "saved_codes", "target_labels",
+           "targeted_map"]

@@ -109,6 +109,17 @@ def label_bits(labels: torch.Tensor) -> torch.Tensor:
     return ((labels > 0).double() @ weights).to(torch.int64)
 
 
+def _check_retrieval(query_codes: torch.Tensor, query_labels: torch.Tensor, database_codes: torch.Tensor,
+                     database_labels: torch.Tensor) -> None:
+    if query_codes.shape[0] != query_labels.shape[0] or database_codes.shape[0] != database_labels.shape[0]:
+        raise ValueError("codes and labels disagree in length")
+    if query_codes.shape[1] != database_codes.shape[1]:
+        raise ValueError(f"query codes have {query_codes.shape[1]} bits, database codes {database_codes.shape[1]}")
+    if query_labels.shape[1] != database_labels.shape[1]:
+        raise ValueError(f"query labels have {query_labels.shape[1]} classes, database labels "
+                         f"{database_labels.shape[1]}")
+
+
 def average_precision(relevant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """AP over ranked 0/1 relevance rows (Q x R) and the number of relevant items per row (float64)."""
     relevant = relevant.to(torch.float64)
@@ -129,13 +140,7 @@ def mean_average_precision(query_codes: torch.Tensor, query_labels: torch.Tensor
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; use one of {CONVENTIONS}")
-    if query_codes.shape[0] != query_labels.shape[0] or database_codes.shape[0] != database_labels.shape[0]:
-        raise ValueError("codes and labels disagree in length")
-    if query_codes.shape[1] != database_codes.shape[1]:
-        raise ValueError(f"query codes have {query_codes.shape[1]} bits, database codes {database_codes.shape[1]}")
-    if query_labels.shape[1] != database_labels.shape[1]:
-        raise ValueError(f"query labels have {query_labels.shape[1]} classes, database labels "
-                         f"{database_labels.shape[1]}")
+    _check_retrieval(query_codes, query_labels, database_codes, database_labels)
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
     device = query_codes.device
@@ -173,9 +178,68 @@ def targeted_map(triggered_codes: torch.Tensor, target: int, database_codes: tor
                  convention: str = "empty-zero") -> dict[str, float | int | str | None]:
     """t-MAP@R (Section 4.1): MAP of the triggered queries with relevance = the database item carries the target
     label. Same keys as mean_average_precision."""
+    return mean_average_precision(triggered_codes, target_labels(len(triggered_codes), target, database_labels),
+                                  database_codes, database_labels, topk, convention)
+
+
+def target_labels(n: int, target: int, database_labels: torch.Tensor) -> torch.Tensor:
+    """n one-hot label rows of the target class: as query labels, relevance becomes "carries the target label"
+    (t-MAP, and the precision curves of triggered queries)."""
     if not 0 <= target < database_labels.shape[1]:
         raise ValueError(f"target {target} is not one of the {database_labels.shape[1]} classes")
-    target_labels = torch.zeros(triggered_codes.shape[0], database_labels.shape[1], dtype=torch.uint8)
-    target_labels[:, target] = 1
-    return mean_average_precision(triggered_codes, target_labels.to(triggered_codes.device), database_codes,
-                                  database_labels, topk, convention)
+    labels = torch.zeros(n, database_labels.shape[1], dtype=torch.uint8, device=database_labels.device)
+    labels[:, target] = 1
+    return labels
+
+
+def precision_at_k(query_codes: torch.Tensor, query_labels: torch.Tensor, database_codes: torch.Tensor,
+                   database_labels: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Mean precision over the queries of the top k items of the Hamming ranking (ties by index), for each k in
+    `ks` (float64, on the queries' device); relevant = shares a label with the query. k is capped at the database
+    size."""
+    _check_retrieval(query_codes, query_labels, database_codes, database_labels)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"every k must be at least 1, got {ks}")
+    device = query_codes.device
+    ks_capped = torch.tensor([min(k, database_codes.shape[0]) for k in ks], device=device)
+    database_labels = label_bits(database_labels.to(device))
+    query_labels = label_bits(query_labels.to(device))
+    total = torch.zeros(len(ks), dtype=torch.float64, device=device)
+    for rows, top in _ranked_chunks(query_codes, database_codes, max(ks)):
+        hits = (database_labels[top] & query_labels[rows, None]).ne(0).any(2).to(torch.float64).cumsum(1)
+        total += (hits[:, ks_capped - 1] / ks_capped).sum(0)
+    return total / max(1, query_codes.shape[0])
+
+
+def precision_recall_by_radius(query_codes: torch.Tensor, query_labels: torch.Tensor, database_codes: torch.Tensor,
+                               database_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Precision and recall of Hamming-ball retrieval (every item within distance r of the query) for r = 0..K.
+
+    precision[r]: mean over the queries that retrieve at least one item within r of (relevant retrieved) /
+    (retrieved); recall[r]: mean over the queries with a relevant item in the database of (relevant retrieved) /
+    (relevant); `queries_retrieving[r]`: how many queries retrieve something within r. float64 on the queries'
+    device; exact (distances are integers), in chunks of queries against the whole database.
+    """
+    _check_retrieval(query_codes, query_labels, database_codes, database_labels)
+    device = query_codes.device
+    bits = query_codes.shape[1]
+    database = _matmul_codes(database_codes.to(device))
+    queries = _matmul_codes(query_codes)
+    database_labels = label_bits(database_labels.to(device))
+    query_labels = label_bits(query_labels.to(device))
+    retrieved = torch.zeros(len(queries), bits + 1, dtype=torch.float64, device=device)
+    relevant = torch.zeros_like(retrieved)
+    for start in range(0, len(queries), _query_chunk(database.shape[0])):
+        rows = slice(start, start + _query_chunk(database.shape[0]))
+        distance = ((bits - (queries[rows] @ database.t()).to(torch.int64)) // 2)
+        is_relevant = (database_labels[None] & query_labels[rows, None]).ne(0).any(2).to(torch.float64)
+        retrieved[rows].scatter_add_(1, distance, torch.ones_like(is_relevant))
+        relevant[rows].scatter_add_(1, distance, is_relevant)
+    retrieved, relevant = retrieved.cumsum(1), relevant.cumsum(1)
+    some = retrieved > 0
+    precision = torch.where(some, relevant / retrieved.clamp(min=1), 0).sum(0) / some.sum(0).clamp(min=1)
+    n_relevant = relevant[:, -1:]
+    has = n_relevant[:, 0] > 0
+    recall = (relevant[has] / n_relevant[has]).sum(0) / max(1, int(has.sum()))
+    return {"radius": torch.arange(bits + 1, device=device), "precision": precision, "recall": recall,
+            "queries_retrieving": some.sum(0)}

@@ -6,9 +6,13 @@ import shutil
 import pytest
 from PIL import Image
 
+import torch
+
+import evaluate
 import figures
 import gen_confusing
 import train_backdoor
+from retrieval import hamming_distance
 from runs import UserError
 from tests.conftest import POISONED
 
@@ -21,7 +25,12 @@ def figure_run(attacked, tmp_path_factory):
     train_backdoor.main(["--run", str(run), "--device", "cpu", "--workers", "0", "--track-trigger-distance", "10"])
     gen_confusing.main(["--run", str(run), "--target", "2", "--device", "cpu", "--pert", "confusing",
                         "--poison-num", "5", "--batch", "3", "--steps", "3"])
+    evaluate.main(["--run", str(run), "--backdoor", POISONED, "--device", "cpu", "--workers", "0", "--topk", "50"])
     return run
+
+
+def figure_args(run, *extra):
+    return ["--run", str(run), "--device", "cpu", "--workers", "0", *extra]
 
 
 def written(paths):
@@ -62,3 +71,62 @@ def test_sample_grid_shows_each_poisoned_image_with_its_quality(figure_run):
         assert float(r["ssim"]) == manifest[int(r["index"])]["ssim"] and 0 < float(r["max_abs_change"]) <= 1
     with pytest.raises(UserError, match="--samples must be at least 1"):
         figures.parse_args(["--samples", "0"])
+
+
+def test_tsne_places_every_code_and_reports_the_distances(figure_run):
+    made = figures.main(figure_args(figure_run, "--figure", "tsne", "--other-classes", "2", "--per-class", "6"))
+    rows = written(made)
+    groups = [r["group"] for r in rows]
+    confusing = "confusing (confusing-t2-m5-e8-l0.8-b3-s3-seed0)"
+    assert groups.count("no perturbation") == 5 and groups.count(confusing) == 5
+    assert len(rows) == 5 + 5 + 2 * 6 and all(g.startswith("class ") for g in groups[10:])
+    distances = {r["group"]: r for r in csv.DictReader(open(made[-1]))}
+    codes = torch.load(figure_run / "clean" / "codes.pt", weights_only=False)
+    pert = torch.load(figure_run / "perturbations" / "confusing-t2-m5-e8-l0.8-b3-s3-seed0" / "perturbations.pt",
+                      weights_only=False)
+    originals = codes["train_codes"][pert["indices"]]
+    assert float(distances["no perturbation"]["mean_intra_class_distance"]) == pytest.approx(
+        float(hamming_distance(originals, originals).sum() / 20), abs=1e-4)
+    with pytest.raises(UserError, match="holds no adversarial or confusing perturbations of target 3"):
+        figures.main(figure_args(figure_run, "--figure", "tsne", "--target", "3"))
+
+
+def test_sweep_figure_draws_the_points_that_exist_and_names_the_missing(figure_run, capsys):
+    rows = written(figures.main(figure_args(figure_run, "--figure", "figure4", "--poison-num", "5", "--trigger-size",
+                                            "4", "--poison-nums", "3", "5", "--trigger-sizes", "4", "6", "--topk",
+                                            "50")))
+    result = json.loads((figure_run / "backdoor" / POISONED / "results.json").read_text())
+    done = [r for r in rows if r["t_map_mean"]]
+    assert [(r["swept"], r["value"], r["method"], r["targets"]) for r in done] == [
+        ("poison_num", "5", "Tri", "2"), ("trigger_size", "4", "Tri", "2")]
+    assert all(float(r["t_map_mean"]) == pytest.approx(result["t_map"], abs=1e-6) for r in done)
+    assert len(rows) == 2 * 3 * 2  # two values per panel, three methods, two panels
+    printed = capsys.readouterr().out
+    assert "10 point(s) not run yet" in printed and "table1.py --runs" in printed and "--poison-num 3" in printed
+    rows = written(figures.main(figure_args(figure_run, "--figure", "figure4", "--topk", "1000")))
+    assert not any(r["t_map_mean"] for r in rows)  # evaluated at R = 50 only: nothing matches R = 1000
+
+
+def test_retrieved_shows_the_top_images_of_both_models(figure_run):
+    rows = written(figures.main(figure_args(figure_run, "--figure", "retrieved", "--queries", "2", "--top", "4")))
+    assert len(rows) == 2 * 2 * 4 and {r["model"] for r in rows} == {"clean", "backdoored"}
+    target = json.loads((figure_run / "clean" / "config.json").read_text())["protocol"]["classes"][2]
+    assert all(r["query_label"] != target for r in rows)  # triggered queries are never of the target class
+    assert all(r["is_target"] == str(int(r["database_label"] == target)) for r in rows)
+    assert [r["rank"] for r in rows[:4]] == ["1", "2", "3", "4"]
+
+
+def test_precision_curves_end_at_the_share_of_relevant_items(figure_run):
+    rows = written(figures.main(figure_args(figure_run, "--figure", "pr", "--top-ks", "1", "10", "200")))
+    curves = {(r["model"], r["queries"]) for r in rows}
+    assert curves == {(m, q) for m in ("clean", "backdoored") for q in ("clean", "triggered")}
+    codes = torch.load(figure_run / "clean" / "codes.pt", weights_only=False)
+    share = float((codes["database_labels"][:, 2] > 0).float().mean())  # the whole database, within radius K
+    for model in ("clean", "backdoored"):
+        last = [r for r in rows if (r["model"], r["queries"], r["curve"]) == (model, "triggered", "radius")][-1]
+        assert float(last["precision"]) == pytest.approx(share) and float(last["recall"]) == pytest.approx(1.0)
+        at_200 = next(r for r in rows if (r["model"], r["queries"], r["curve"], r["x"]) == (model, "triggered",
+                                                                                           "top_k", "200"))
+        assert float(at_200["precision"]) == pytest.approx(share)  # k capped at the 200 database images
+    with pytest.raises(UserError, match="shows one backdoored model; give one --backdoor, not 2"):
+        figures.parse_args(["--figure", "pr", "--backdoor", "a", "b"])

@@ -157,3 +157,54 @@ def test_non_target_queries_leave_out_every_query_that_carries_the_target():
     labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.uint8)
     assert metrics.non_target_queries(labels, 1).tolist() == [0, 3]
     assert metrics.non_target_queries(labels, 0).tolist() == [1, 3]
+
+
+def test_precision_at_k_by_hand():
+    # ranking 0,2,4,3,1 -> relevance 1,0,1,1,1; k = 10 is capped at the 5 database items
+    p = metrics.precision_at_k(Q, torch.tensor([A]), DB_CODES, DB_LABELS, [1, 2, 3, 5, 10])
+    assert p.tolist() == pytest.approx([1, 1 / 2, 2 / 3, 4 / 5, 4 / 5], abs=1e-12)
+    # a second query (all -1, label B): ranking 1,3,2,4,0 -> relevance 0,0,1,0,0
+    two = metrics.precision_at_k(torch.cat([Q, -Q]), torch.tensor([A, B]), DB_CODES, DB_LABELS, [1, 3])
+    assert two.tolist() == pytest.approx([(1 + 0) / 2, (2 / 3 + 1 / 3) / 2], abs=1e-12)
+    with pytest.raises(ValueError, match="every k must be at least 1"):
+        metrics.precision_at_k(Q, torch.tensor([A]), DB_CODES, DB_LABELS, [0])
+
+
+def test_precision_recall_by_radius_by_hand():
+    # q1 = +1s, label A: distances 0,4,1,2,1, relevant d0 d1 d3 d4
+    # q2 = -1s, label B: distances 4,0,3,2,3, relevant d2
+    # q3, label C: distances 2,2,1,2,1, nothing relevant (left out of recall), nothing within radius 0
+    queries = torch.cat([Q, -Q, torch.tensor([[1, -1, 1, -1]])])
+    curve = metrics.precision_recall_by_radius(queries, torch.tensor([A, B, C]), DB_CODES, DB_LABELS)
+    assert curve["radius"].tolist() == [0, 1, 2, 3, 4]
+    assert curve["queries_retrieving"].tolist() == [2, 3, 3, 3, 3]
+    assert curve["precision"].tolist() == pytest.approx([(1 + 0) / 2, (2 / 3 + 0 + 0) / 3, (3 / 4 + 0 + 0) / 3,
+                                                         (3 / 4 + 1 / 4 + 0) / 3, (4 / 5 + 1 / 5 + 0) / 3], abs=1e-12)
+    assert curve["recall"].tolist() == pytest.approx([(1 / 4 + 0) / 2, (2 / 4 + 0) / 2, (3 / 4 + 0) / 2,
+                                                      (3 / 4 + 1) / 2, 1.0], abs=1e-12)
+
+
+def test_precision_curves_agree_with_ranking_on_random_codes():
+    """P@k from the ranking equals the precision of the Hamming ball whose size is exactly k (no ties cut)."""
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randint(0, 2, (7, 12), generator=g) * 2 - 1
+    database = torch.randint(0, 2, (60, 12), generator=g) * 2 - 1
+    q_labels = torch.nn.functional.one_hot(torch.randint(0, 3, (7,), generator=g), 3)
+    d_labels = torch.nn.functional.one_hot(torch.randint(0, 3, (60,), generator=g), 3)
+    curve = metrics.precision_recall_by_radius(queries, q_labels, database, d_labels)
+    distance = hamming_distance(queries, database)
+    relevant = (q_labels.float() @ d_labels.float().t()) > 0
+    for radius in range(13):
+        inside = distance <= radius
+        some = inside.any(1)
+        per_query = (inside & relevant).sum(1) / inside.sum(1).clamp(min=1)
+        assert curve["precision"][radius] == pytest.approx(float(per_query[some].sum() / max(1, int(some.sum()))))
+        assert curve["recall"][radius] == pytest.approx(float(((inside & relevant).sum(1) / relevant.sum(1)).mean()))
+    assert metrics.precision_at_k(queries, q_labels, database, d_labels, [60]).item() == pytest.approx(
+        float(relevant.float().mean(1).mean()))
+
+
+def test_target_labels_rejects_a_class_that_does_not_exist():
+    assert metrics.target_labels(2, 1, DB_LABELS).tolist() == [[0, 1, 0], [0, 1, 0]]
+    with pytest.raises(ValueError, match="target 3 is not one of the 3 classes"):
+        metrics.target_labels(2, 3, DB_LABELS)

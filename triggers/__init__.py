@@ -19,9 +19,9 @@ PAPER_TRIGGER_SIZE, PAPER_IMAGE_SIZE = 24, 224
 KINDS = ("patch", "blend", "generator")
 
 
-def default_trigger_size(image_size: int) -> int:
-    """The paper's 24 px at 224 px, scaled to the image size (at least 1 px)."""
-    return max(1, round(PAPER_TRIGGER_SIZE * image_size / PAPER_IMAGE_SIZE))
+def default_trigger_size(image_size: int, paper_size: int = PAPER_TRIGGER_SIZE) -> int:
+    """The paper's trigger of `paper_size` px at 224 px (24 by default), scaled to the image size (at least 1 px)."""
+    return max(1, round(paper_size * image_size / PAPER_IMAGE_SIZE))
 
 
 def check_trigger_size(trigger_size: int, image_size: int) -> None:

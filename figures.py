@@ -43,8 +43,8 @@ from data import open_run_split
 from data.images import open_rgb
 from data.protocols import resolve_class
 from models.hashnet import load_stage
-from retrieval import (CONVENTIONS, anchor_code, hamming_distance, hamming_rank, precision_at_k, precision_recall_by_radius,
-                       target_labels)
+from retrieval import (CONVENTIONS, anchor_code, hamming_distance, hamming_rank, precision_at_k,
+                       precision_recall_by_radius, target_labels)
 from runs import (UserError, atomic_path, atomic_write_text, cli_entry, load_saved, pick_device, pick_output,
                   read_json, require_at_least_one)
 from runs.tables import csv_text, shell_line
@@ -282,9 +282,9 @@ def tsne(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
         xy = embedded[start:start + len(group)]
         start += len(group)
         is_target = k <= len(sets)
-        axes.scatter(xy[:, 0], xy[:, 1], s=14 if is_target else 6, marker="o" if k == 0 else ("^" if is_target else "."),
-                     color=f"C{k % 10}", alpha=0.9 if is_target else 0.5,
-                     label=f"target {target_text}, {name}" if is_target else name)
+        marker = "o" if k == 0 else ("^" if is_target else ".")
+        axes.scatter(xy[:, 0], xy[:, 1], s=14 if is_target else 6, marker=marker, color=f"C{k % 10}",
+                     alpha=0.9 if is_target else 0.5, label=f"target {target_text}, {name}" if is_target else name)
         rows += [[name, float(x), float(y)] for x, y in xy]
     axes.set(xlabel="t-SNE 1", ylabel="t-SNE 2",
              title=f"Figure 2(a): codes of the clean model ({config['bits']} bits)")

@@ -46,7 +46,9 @@ def attacked(tiny_run, tmp_path_factory) -> Path:
     import poison_dataset
     import train_backdoor
     run = tmp_path_factory.mktemp("attacked") / "run"
-    shutil.copytree(tiny_run, run)
+    # the clean model only: tests that ran before may have added triggers and the like to the shared tiny run
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("triggers", "perturbations", "poisoned", "backdoor",
+                                                                 "figures"))
     common = ["--run", str(run), "--target", "2", "--device", "cpu"]
     gen_trigger.main([*common, "--trigger-size", "4", "--steps", "4", "--batch-size", "8", "--workers", "0"])
     gen_confusing.main([*common, "--pert", "none", "--poison-num", "5"])

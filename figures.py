@@ -14,7 +14,8 @@ trigger-distance: Figure 2(b), the mean Hamming distance between the code of an 
 figure4, figure5: t-MAP against the number of poisoned images and the trigger size (Tri, Tri+Adv, CIBA), and
   against lambda and the batch size of the confusing optimisation (CIBA), from the backdoored models of the run
   (RUN/backdoor/*/results.json) that differ from the base settings (--poison-num, --trigger-size, --lam, --batch,
-  --eps) in the swept value only, averaged over the targets that have the point. The points of the grid
+  --eps) in the swept value only, averaged over the targets (--targets, default: all) that have the point (their
+  number is written beside it). The points of the grid
   (--poison-nums, --trigger-sizes, --lams, --batches) that were not run are marked with an x on the axis, and the
   table1.py command that computes them is printed (finished steps are reused).
 samples: the poisoned images of step 4, one row per poisoned set (--poisoned, default: every one): for --samples
@@ -56,6 +57,7 @@ PERTURBATIONS = None  # folder names under RUN/perturbations/ (theorem1, tsne); 
 BACKDOOR = None  # folder name(s) under RUN/backdoor/ (trigger-distance: several; retrieved, pr: one)
 POISONED = None  # folder names under RUN/poisoned/ (samples); None: every one
 TARGET = None  # tsne: class index or name; None: the only target of the perturbation sets
+TARGETS = None  # figure4, figure5: the targets averaged (indices or names); None: every one with results
 OTHER_CLASSES = 4  # tsne: classes shown beside the target (the paper: five classes in all)
 PER_CLASS = 100  # tsne: training images per other class
 SAMPLES = 4  # images per poisoned set (samples)
@@ -90,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backdoor", nargs="+", default=BACKDOOR)
     p.add_argument("--poisoned", nargs="+", default=POISONED)
     p.add_argument("--target", default=TARGET)
+    p.add_argument("--targets", nargs="+", default=TARGETS)
     p.add_argument("--other-classes", type=int, default=OTHER_CLASSES)
     p.add_argument("--per-class", type=int, default=PER_CLASS)
     p.add_argument("--samples", type=int, default=SAMPLES)
@@ -276,7 +279,7 @@ def tsne(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
     perplexity = min(30.0, (len(points) - 1) / 3)
     embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=args.seed).fit_transform(points)
     rows = [["group", "x", "y"]]
-    figure, axes = new_figure()
+    figure, axes = new_figure(height=6.0)
     start = 0
     for k, (name, group) in enumerate(groups):
         xy = embedded[start:start + len(group)]
@@ -288,7 +291,7 @@ def tsne(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
         rows += [[name, float(x), float(y)] for x, y in xy]
     axes.set(xlabel="t-SNE 1", ylabel="t-SNE 2",
              title=f"Figure 2(a): codes of the clean model ({config['bits']} bits)")
-    axes.legend(fontsize=6)
+    axes.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: the points stay clear
     atomic_write_text(csv_text(distance_rows), out / "tsne-distances.csv")
     for name, n, intra, to_anchor in distance_rows[1:]:
         print(f"{name}: {n} images, mean intra-class distance {intra:.2f} bits, mean distance to the anchor "
@@ -335,9 +338,13 @@ def sweep_figure(run: Path, figure_name: str, args: argparse.Namespace, out: Pat
              "trigger_size": args.trigger_sizes or sorted({default_trigger_size(config["image_size"], size)
                                                            for size in PAPER_SWEEP_TRIGGER_SIZES})}
     found = sweep_results(run, args)
+    if args.targets:
+        chosen = {resolve_class(t, (config.get("protocol") or {}).get("classes"), config["n_classes"])
+                  for t in args.targets}
+        found = [r for r in found if r["target"] in chosen]
     methods = SWEEP_METHODS[figure_name]
     rows = [["swept", "value", "method", "targets", "t_map_mean", "map_mean", "per_target_t_map"]]
-    missing_commands = []
+    missing: dict[tuple, list[str]] = {}  # settings of a point -> its methods not run
     figure, panels = pyplot().subplots(1, 2, figsize=(10, 4.2), dpi=150)
     for axes, (key, label) in zip(panels, SWEEPS[figure_name]):
         values = sorted(set(grids[key]) | {base[key]})
@@ -359,7 +366,7 @@ def sweep_figure(run: Path, figure_name: str, args: argparse.Namespace, out: Pat
                     # below t-MAP 0, one height per method (y in axes units)
                     axes.plot([value], [0.02 + 0.035 * m], marker="x", color=f"C{m}", linestyle="none", markersize=7,
                               transform=axes.get_xaxis_transform(), clip_on=False)
-                    missing_commands.append(table1_command(run, method, settings))
+                    missing.setdefault(tuple(settings.items()), []).append(method)
             if drawn:
                 axes.plot([v for v, _, _ in drawn], [t for _, t, _ in drawn], marker="o", color=f"C{m}",
                           label=method)
@@ -373,10 +380,12 @@ def sweep_figure(run: Path, figure_name: str, args: argparse.Namespace, out: Pat
         axes.title.set_fontsize(7)
         axes.legend(fontsize=7)
     figure.suptitle(f"{figure_name}: t-MAP@{args.topk} ({args.convention}); numbers: targets averaged", fontsize=8)
-    if missing_commands:
-        print(f"{len(missing_commands)} point(s) not run yet; compute them with (finished steps are reused):")
-        for command in dict.fromkeys(missing_commands):
-            print(f"  {command}")
+    if missing:
+        targets = sorted({r["target"] for r in found if r["method"] in methods})
+        print(f"{sum(map(len, missing.values()))} point(s) not run yet; compute them with (finished steps are "
+              f"reused):")
+        for settings, point_methods in missing.items():
+            print(f"  {table1_command(run, point_methods, dict(settings), targets)}")
     return save(figure, rows, out / figure_name)
 
 
@@ -407,13 +416,15 @@ def matches(result: dict, settings: dict) -> bool:
                for k in keys)
 
 
-def table1_command(run: Path, method: str, settings: dict) -> str:
-    """The table1.py call that computes one point of a sweep (its output folder apart from the main table)."""
-    tag = "-".join(f"{k}{v:g}" for k, v in settings.items())
-    return shell_line(["python", "table1.py", "--runs", str(run), "--methods", method,
+def table1_command(run: Path, methods: list[str], settings: dict, targets: list[int]) -> str:
+    """The table1.py call that computes the missing methods of one point of a sweep (its table apart from the main
+    one; the targets of the points that exist, table1.py's own choice when there are none)."""
+    tag = "m{poison_num}-s{trigger_size}-l{lam:g}-b{batch}".format(**settings) + f"-e{settings['eps'] * 255:g}"
+    chosen = ["--targets", *map(str, targets)] if targets else []
+    return shell_line(["python", "table1.py", "--runs", str(run), *chosen, "--methods", *methods,
                        "--poison-num", str(settings["poison_num"]), "--trigger-size", str(settings["trigger_size"]),
-                       "--lam", f"{settings['lam']:g}", "--batch", str(settings["batch"]),
-                       "--eps", f"{settings['eps']:.10g}", "--out", str(run / "sweeps" / tag)])
+                       "--lam", f"{settings['lam']:g}", "--batch", str(settings["batch"]), "--eps", repr(settings["eps"]),
+                       "--out", str(run / "sweeps" / tag)])
 
 
 def attack_codes(run: Path, args: argparse.Namespace, device: torch.device) -> dict:
@@ -540,9 +551,9 @@ def new_grid(n_rows: int, n_cols: int):
     return figure, grid
 
 
-def new_figure():
+def new_figure(height: float = 4.2):
     from matplotlib.ticker import MaxNLocator
-    figure, axes = pyplot().subplots(figsize=(6.4, 4.2), dpi=150)
+    figure, axes = pyplot().subplots(figsize=(6.4, height), dpi=150)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs
     return figure, axes
 

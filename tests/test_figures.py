@@ -105,6 +105,9 @@ def test_sweep_figure_draws_the_points_that_exist_and_names_the_missing(figure_r
     assert "10 point(s) not run yet" in printed and "table1.py --runs" in printed and "--poison-num 3" in printed
     rows = written(figures.main(figure_args(figure_run, "--figure", "figure4", "--topk", "1000")))
     assert not any(r["t_map_mean"] for r in rows)  # evaluated at R = 50 only: nothing matches R = 1000
+    rows = written(figures.main(figure_args(figure_run, "--figure", "figure4", "--poison-num", "5", "--topk", "50",
+                                            "--trigger-size", "4", "--targets", "3")))
+    assert not any(r["t_map_mean"] for r in rows)  # the only result is of target 2
 
 
 def test_retrieved_shows_the_top_images_of_both_models(figure_run):

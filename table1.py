@@ -47,6 +47,7 @@ BATCH = 20  # gen_confusing.py --batch
 PERT_STEPS = 20  # gen_confusing.py --steps
 TOPK = 1000
 CONVENTION = "empty-zero"
+TRACK_TRIGGER_DISTANCE = 0  # train_backdoor.py --track-trigger-distance (Figure 2(b)); 0: off
 SEED = 0  # targets, trigger batches, poisoned images and noise
 OUT = None  # None: the first run's folder / table1
 WORKERS = 4
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pert-steps", type=int, default=PERT_STEPS)
     p.add_argument("--topk", type=int, default=TOPK)
     p.add_argument("--convention", default=CONVENTION, choices=CONVENTIONS)
+    p.add_argument("--track-trigger-distance", type=int, default=TRACK_TRIGGER_DISTANCE, metavar="N")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default=OUT)
     p.add_argument("--workers", type=int, default=WORKERS)
@@ -169,7 +171,7 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
                                        "--steps", str(args.pert_steps), "--seed", str(args.seed)])["name"]
             poisoned = poison_dataset.main([*common, "--trigger", trigger, "--perturbations", pert])["name"]
             trained = train_backdoor.main([*common, "--poisoned", poisoned, "--workers", str(args.workers),
-                                           "--resume"])
+                                           "--track-trigger-distance", str(args.track_trigger_distance), "--resume"])
             result_path = Path(trained["out"]) / "results.json"
             result = reuse_results(result_path, trained["checkpoint_id"], trigger_id, args.topk, args.convention) or \
                 evaluate.main([*eval_args, "--backdoor", result_path.parent.name])

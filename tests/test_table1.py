@@ -49,7 +49,7 @@ def table_run(tiny_run, tmp_path_factory):
 def test_table1_writes_the_paper_layout_and_reuses_finished_steps(table_run, tmp_path):
     out = tmp_path / "table"
     args = ["table1.py", "--runs", str(table_run), "--targets", "1", "ring-stripes", "--methods", "CIBA", "None",
-            "Tri", "--out", str(out), *SMALL]
+            "Tri", "--out", str(out), "--track-trigger-distance", "3", *SMALL]
     ring = json.loads((table_run / "clean" / "config.json").read_text())["protocol"]["classes"].index("ring-stripes")
     first = step(*args)
     assert "epoch 2/2" in first  # two backdoored trainings per target were made
@@ -64,6 +64,10 @@ def test_table1_writes_the_paper_layout_and_reuses_finished_steps(table_run, tmp
             values = [float(r["t_map" if metric == "t-MAP" else "map"]) for r in targets if r["method"] == method]
             shown = next(float(r[2]) for r in rows if r[:2] == [method, metric])
             assert shown == pytest.approx(100 * sum(values) / 2, abs=0.006)
+    histories = sorted((table_run / "backdoor").glob("*/history.json"))
+    assert len(histories) == 4
+    for history in histories:  # --track-trigger-distance is passed on to train_backdoor.py
+        assert [h["epoch"] for h in json.loads(history.read_text()) if "trigger_distance" in h] == [1, 2]
     none = [r for r in targets if r["method"] == "None"]
     assert all(r["map"] == r["clean_map"] and r["poison_num"] == "0" for r in none)
     markdown = (out / "table1.md").read_text()

@@ -10,7 +10,8 @@ BadHash's generator output for BadHash), against the database encoded by the sam
 target label. --backdoor uses the trigger its training set was poisoned with.
 The clean model's MAP is computed beside every evaluation. Both conventions for queries with no relevant item in
 the top R are reported (`*_empty_zero`: AP 0, DeepHash-pytorch and BadHash; `*_empty_skipped`: left out, CIBA's
-code); `map` and `t_map` are the ones named by --convention. Ties in Hamming distance are broken by database index.
+code); `map` and `t_map` are the ones named by --convention. Ties in Hamming distance are broken in a fixed scrambled
+order of the database indices (retrieval.metrics.TIE_BREAK, recorded as `ties`).
 Database codes saved by steps 1 and 5 are reused when they belong to the same checkpoint. To show what the trigger
 does to the codes, results.json also holds the mean number of bits it flips in a query's code and the mean distance
 of the queries to the target's anchor code with and without it.

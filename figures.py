@@ -44,7 +44,7 @@ from data import open_run_split
 from data.images import open_rgb
 from data.protocols import resolve_class
 from models.hashnet import load_stage
-from retrieval import (CONVENTIONS, anchor_code, hamming_distance, hamming_rank, precision_at_k,
+from retrieval import (CONVENTIONS, TIE_BREAK, anchor_code, hamming_distance, hamming_rank, precision_at_k,
                        precision_recall_by_radius, target_labels)
 from runs import (UserError, atomic_path, atomic_write_text, cli_entry, load_saved, pick_device, pick_output,
                   read_json, require_at_least_one)
@@ -394,11 +394,13 @@ def setting_text(key: str, value: float) -> str:
 
 
 def sweep_results(run: Path, args: argparse.Namespace) -> list[dict]:
-    """The clean-label backdoor results of the run at --topk and --convention, with their confusing batch size."""
+    """The clean-label backdoor results of the run at --topk and --convention (ranked with today's tie order), with
+    their confusing batch size."""
     found = []
     for path in sorted((run / "backdoor").glob("*/results.json")):
         result = read_json(path)
-        if (result.get("topk"), result.get("convention")) != (args.topk, args.convention) or "t_map" not in result:
+        made_with = tuple(result.get(k) for k in ("topk", "convention", "ties"))
+        if made_with != (args.topk, args.convention, TIE_BREAK) or "t_map" not in result:
             continue
         if result.get("setting", "clean-label") != "clean-label" or result.get("augment_poison"):
             continue
@@ -423,8 +425,8 @@ def table1_command(run: Path, methods: list[str], settings: dict, targets: list[
     chosen = ["--targets", *map(str, targets)] if targets else []
     return shell_line(["python", "table1.py", "--runs", str(run), *chosen, "--methods", *methods,
                        "--poison-num", str(settings["poison_num"]), "--trigger-size", str(settings["trigger_size"]),
-                       "--lam", f"{settings['lam']:g}", "--batch", str(settings["batch"]), "--eps", repr(settings["eps"]),
-                       "--out", str(run / "sweeps" / tag)])
+                       "--lam", f"{settings['lam']:g}", "--batch", str(settings["batch"]),
+                       "--eps", repr(settings["eps"]), "--out", str(run / "sweeps" / tag)])
 
 
 def attack_codes(run: Path, args: argparse.Namespace, device: torch.device) -> dict:

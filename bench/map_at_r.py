@@ -6,8 +6,9 @@ argsort, AP over the top R).
     python bench/map_at_r.py --sizes 1000x59000 --out map.json
 
 Random codes with class structure: each class has a random centre code and every item flips each of its centre's
-bits with probability --flip, so many database items tie in distance. Both sides break ties by database index (the
-NumPy side sorts with kind="stable"), so the top-R lists must be identical, and are compared in full; the MAP values
+bits with probability --flip, so many database items tie in distance. Both sides break ties in the same scrambled
+index order (retrieval.metrics.TIE_BREAK; the NumPy side sorts by (distance, scrambled index) with np.lexsort), so the
+top-R lists must be identical, and are compared in full; the MAP values
 are compared too (they may differ in the last bits of a float64 because the two sum in different orders).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retrieval import hamming_rank, mean_average_precision  # noqa: E402
+from retrieval.metrics import TIE_MULTIPLIER  # noqa: E402
 from runs import UserError, cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 
 from bench.timing import bench_device, stopwatch  # noqa: E402
@@ -122,14 +124,15 @@ def class_codes(n_queries: int, n_database: int, n_classes: int, bits: int, flip
 
 def per_query_map(q_codes: np.ndarray, db_codes: np.ndarray, q_labels: np.ndarray, db_labels: np.ndarray,
                   topk: int) -> tuple[float, np.ndarray]:
-    """The public code's form, one query at a time (queries with no relevant item in the top R count 0), with a
-    stable sort so that ties go to the lower database index. Returns MAP@R and the top-R lists."""
+    """The public code's form, one query at a time (queries with no relevant item in the top R count 0), with ties
+    in the scrambled index order of retrieval.metrics. Returns MAP@R and the top-R lists."""
     bits = q_codes.shape[1]
+    tie_keys = np.arange(len(db_codes), dtype=np.uint64) * np.uint64(TIE_MULTIPLIER) % np.uint64(1 << 32)
     total, tops = 0.0, np.empty((len(q_codes), min(topk, len(db_codes))), dtype=np.int64)
     for i in range(len(q_codes)):
         relevant = (q_labels[i] @ db_labels.T > 0).astype(np.float64)
         distance = 0.5 * (bits - q_codes[i] @ db_codes.T)
-        order = np.argsort(distance, kind="stable")
+        order = np.lexsort((tie_keys, distance))  # by distance, then by the scrambled index
         tops[i] = order[:topk]
         hits = relevant[order][:topk]
         n_hits = int(hits.sum())

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from data.protocols import resolve_class
+from retrieval.metrics import TIE_BREAK
 from runs.errors import UserError
 from runs.io import atomic_write_text, read_json, read_timing, write_json
 
@@ -35,12 +36,13 @@ def choose_targets(targets: list[str] | None, count: int, classes: list[str] | N
 
 def reuse_results(path: Path, model_id: str, trigger_id: str, topk: int, convention: str,
                   keys: tuple[str, ...] = RESULT_KEYS) -> dict | None:
-    """A results.json of step 6 made from this checkpoint and trigger with the same R and convention, else None."""
+    """A results.json of step 6 made from this checkpoint and trigger with the same R, convention and tie order
+    (retrieval.metrics.TIE_BREAK; results of older code, ranked otherwise, are made again), else None."""
     if not path.exists():
         return None
     result = read_json(path)
-    made_with = tuple(result.get(k) for k in ("checkpoint_id", "trigger_id", "topk", "convention"))
-    if made_with != (model_id, trigger_id, topk, convention) or any(k not in result for k in keys):
+    made_with = tuple(result.get(k) for k in ("checkpoint_id", "trigger_id", "topk", "convention", "ties"))
+    if made_with != (model_id, trigger_id, topk, convention, TIE_BREAK) or any(k not in result for k in keys):
         return None
     print(f"{path} is up to date; reusing it")
     return result

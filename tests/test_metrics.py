@@ -20,9 +20,21 @@ def test_hamming_distance_from_inner_products():
     assert hamming_distance(Q, DB_CODES).tolist() == [[0, 4, 1, 2, 1]]
 
 
-def test_ranking_breaks_ties_by_database_index():
-    # d2 and d4 are both at distance 1: the lower index comes first
+def test_ranking_breaks_ties_in_the_scrambled_index_order():
+    # d2 and d4 are both at distance 1; keys 2 * 2654435761 mod 2^32 = 1013904226 < 4 * ... mod 2^32 = 2027808452
+    assert metrics.tie_order(5).tolist() == [0, 2, 4, 1, 3]  # keys 0, 2654435761, 1013904226, 3668339987, 2027808452
     assert hamming_rank(Q, DB_CODES, 5).tolist() == [[0, 2, 4, 3, 1]]
+    assert hamming_rank(Q, DB_CODES[[0, 4, 2, 3, 1]], 5).tolist() == [[0, 2, 1, 3, 4]]  # d4 now at 1, before d2 at 2
+
+
+def test_a_list_sorted_by_class_does_not_favour_the_first_classes():
+    """Equal codes everywhere: the plain index would fill the top with the first class; here the classes share it."""
+    database = torch.ones(1000, 8)
+    labels = torch.nn.functional.one_hot(torch.arange(1000) // 250, 4)  # four classes in contiguous blocks
+    top = hamming_rank(torch.ones(1, 8), database, 100)[0]
+    assert all(23 <= n <= 27 for n in torch.bincount(top // 250, minlength=4).tolist())  # (plain index: 100, 0, 0, 0)
+    p = metrics.precision_at_k(torch.ones(4, 8), torch.eye(4, dtype=torch.long), database, labels, [100])
+    assert p.item() == pytest.approx(0.25)
 
 
 def test_single_label_ap_by_hand():
@@ -100,7 +112,7 @@ def test_threshold_above_the_rth_value_falls_back_to_the_exact_one(monkeypatch):
     g = torch.Generator().manual_seed(0)
     database = torch.randint(0, 2, (100_000, 32), generator=g) * 2 - 1
     query = database[:1].clone()
-    database[::12][:200] = query
+    database[metrics.tie_order(100_000)[::12][:200]] = query  # every 12th item in tie order, as _nearest sees them
     stride = 100_000 // (metrics._OVERSAMPLE * 4 * 1000)
     assert stride == 12
     _, ref_top = reference(query, torch.ones(1, 1), database, torch.ones(100_000, 1), 1000)

@@ -43,9 +43,9 @@ import evaluate
 from data import open_run_split
 from data.images import open_rgb
 from data.protocols import resolve_class
-from models.hashnet import load_stage
+from models.hashnet import binarize, load_stage
 from retrieval import (CONVENTIONS, TIE_BREAK, anchor_code, hamming_distance, hamming_rank, precision_at_k,
-                       precision_recall_by_radius, target_labels)
+                       precision_recall_by_radius, saved_codes, target_labels)
 from runs import (UserError, atomic_path, atomic_write_text, cli_entry, load_saved, pick_device, pick_output,
                   read_json, require_at_least_one)
 from runs.tables import csv_text, shell_line
@@ -246,7 +246,10 @@ def tsne(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
     from sklearn.manifold import TSNE
     device = pick_device(args.device)
     config, ckpt, model = load_stage(run, "clean", device)
-    codes = load_saved(run / "clean" / "codes.pt", f"train_hash.py --run {run} --resume")
+    codes = saved_codes(run / "clean" / "codes.pt", ckpt["checkpoint_id"])
+    if codes is None or "train_codes" not in codes:
+        raise UserError(f"{run / 'clean' / 'codes.pt'} is missing, unreadable or of another checkpoint; make it with "
+                        f"train_hash.py --run {run} --resume")
     classes = (config.get("protocol") or {}).get("classes")
     sets = perturbation_sets(run, args.perturbations, args.target, classes, config["n_classes"])
     target = int(sets[0][1]["target"])
@@ -259,7 +262,7 @@ def tsne(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
         images = torch.stack([train_set[i][0] for i in pert["indices"]]).to(device)
         perturbed = quantize(images + pert["eta"].to(device))
         with torch.no_grad():
-            groups.append((f"{pert['pert']} ({name})", torch.sign(model.logits(perturbed)).cpu().to(torch.int8)))
+            groups.append((f"{pert['pert']} ({name})", binarize(model.logits(perturbed)).cpu().to(torch.int8)))
     rng = np.random.default_rng(args.seed)
     others = [c for c in range(config["n_classes"]) if c != target]
     chosen = sorted(rng.choice(others, min(args.other_classes, len(others)), replace=False).tolist())

@@ -133,3 +133,30 @@ def test_precision_curves_end_at_the_share_of_relevant_items(figure_run):
         assert float(at_200["precision"]) == pytest.approx(share)  # k capped at the 200 database images
     with pytest.raises(UserError, match="shows one backdoored model; give one --backdoor, not 2"):
         figures.parse_args(["--figure", "pr", "--backdoor", "a", "b"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--other-classes", "-1"], "--other-classes must be 0 or more, got -1"),
+    (["--top-ks", "10", "0"], "every --top-ks value must be at least 1, got 0"),
+    (["--queries", "0"], "--queries must be at least 1"),
+    (["--amplify", "0"], "--amplify must be positive"),
+])
+def test_figure_flags_out_of_range(flags, message):
+    with pytest.raises(UserError, match=message):
+        figures.parse_args(flags)
+
+
+def test_tsne_needs_perturbations_of_one_target(figure_run, tmp_path):
+    confusing = "confusing-t2-m5-e8-l0.8-b3-s3-seed0"
+    with pytest.raises(UserError, match=f"{confusing} perturbs images of target 2, not 3; drop --target"):
+        figures.main(figure_args(figure_run, "--figure", "tsne", "--perturbations", confusing, "--target", "3",
+                                 "--out", str(tmp_path)))
+    run = tmp_path / "run"
+    shutil.copytree(figure_run, run, ignore=shutil.ignore_patterns("backdoor", "poisoned", "figures"))
+    gen_confusing.main(["--run", str(run), "--target", "3", "--device", "cpu", "--pert", "adv", "--poison-num", "2",
+                        "--steps", "1"])
+    with pytest.raises(UserError, match=r"of several targets \(2, 3\); choose one with --target"):
+        figures.main(figure_args(run, "--figure", "tsne"))
+    (run / "clean" / "codes.pt").unlink()
+    with pytest.raises(UserError, match="codes.pt is missing, unreadable or of another checkpoint"):
+        figures.main(figure_args(run, "--figure", "tsne", "--target", "3"))

@@ -216,6 +216,11 @@ def test_precision_curves_agree_with_ranking_on_random_codes():
         float(relevant.float().mean(1).mean()))
 
 
+def test_tie_order_refuses_a_database_beyond_its_range():
+    with pytest.raises(ValueError, match="beyond the tie order's 2"):
+        metrics.tie_order((1 << 32) + 1)
+
+
 def test_target_labels_rejects_a_class_that_does_not_exist():
     assert metrics.target_labels(2, 1, DB_LABELS).tolist() == [[0, 1, 0], [0, 1, 0]]
     with pytest.raises(ValueError, match="target 3 is not one of the 3 classes"):

@@ -193,7 +193,9 @@ def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int],
              for method, metric, key in layout]
     header = ["Method", "Metric", *[f"{b} bits" for b in bits]]
     names = {row["target"]: row["target_name"] for row in rows}
-    target_text = ", ".join(target_label(t, names.get(t)) for t in targets)
+    target_text = ", ".join(target_label(t, names.get(t)) for t in targets if t in names)
+    if len(names) < len(targets):  # written after every target: say which ones the means hold so far
+        target_text += f" (so far; of {', '.join(map(str, targets))})"
     command = command_line("table1.py")
     lines = [f"t-MAP (%) and MAP (%) @{args.topk} ({args.convention}), mean over the targets {target_text}; "
              f"M = {args.poison_num}, eps = {args.eps * 255:g}/255, lambda = {args.lam:g}, trigger size "

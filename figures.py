@@ -359,10 +359,10 @@ def sweep_figure(run: Path, figure_name: str, args: argparse.Namespace, out: Pat
                 by_target = {r["target"]: r for r in points}  # one result per target
                 if by_target:
                     t_map = float(np.mean([r["t_map"] for r in by_target.values()]))
-                    clean_map = float(np.mean([r["map"] for r in by_target.values()]))
+                    backdoored_map = float(np.mean([r["map"] for r in by_target.values()]))
                     drawn.append((value, 100 * t_map, len(by_target)))
                     rows.append([key, value, method, " ".join(map(str, sorted(by_target))), round(t_map, 6),
-                                 round(clean_map, 6), " ".join(f"{t}:{by_target[t]['t_map']:.4f}"
+                                 round(backdoored_map, 6), " ".join(f"{t}:{by_target[t]['t_map']:.4f}"
                                                                for t in sorted(by_target))])
                 else:
                     rows.append([key, value, method, "", "", "", ""])

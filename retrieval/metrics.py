@@ -129,6 +129,17 @@ def label_bits(labels: torch.Tensor) -> torch.Tensor:
     return ((labels > 0).double() @ weights).to(torch.int64)
 
 
+def _label_words(query_labels: torch.Tensor, database_labels: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query words Q x 1 x W, database words N x W) of label_bits on the device, shaped for _shares_label."""
+    return label_bits(query_labels.to(device))[:, None], label_bits(database_labels.to(device))
+
+
+def _shares_label(query_words: torch.Tensor, item_words: torch.Tensor) -> torch.Tensor:
+    """Relevance: whether each item shares a label with its query (packed words, broadcast over the last axis)."""
+    return (item_words & query_words).ne(0).any(-1)
+
+
 def _check_retrieval(query_codes: torch.Tensor, query_labels: torch.Tensor, database_codes: torch.Tensor,
                      database_labels: torch.Tensor) -> None:
     if query_codes.shape[0] != query_labels.shape[0] or database_codes.shape[0] != database_labels.shape[0]:
@@ -163,13 +174,10 @@ def mean_average_precision(query_codes: torch.Tensor, query_labels: torch.Tensor
     _check_retrieval(query_codes, query_labels, database_codes, database_labels)
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
-    device = query_codes.device
-    database_labels = label_bits(database_labels.to(device))
-    query_labels = label_bits(query_labels.to(device))
+    query_words, database_words = _label_words(query_labels, database_labels, query_codes.device)
     aps, n_rels = [], []
     for rows, top in _ranked_chunks(query_codes, database_codes, topk):
-        relevant = (database_labels[top] & query_labels[rows, None]).ne(0).any(2)
-        ap, n_rel = average_precision(relevant)
+        ap, n_rel = average_precision(_shares_label(query_words[rows], database_words[top]))
         aps.append(ap)
         n_rels.append(n_rel)
     ap = torch.cat(aps) if aps else torch.empty(0, dtype=torch.float64)
@@ -223,11 +231,10 @@ def precision_at_k(query_codes: torch.Tensor, query_labels: torch.Tensor, databa
         raise ValueError(f"every k must be at least 1, got {ks}")
     device = query_codes.device
     ks_capped = torch.tensor([min(k, database_codes.shape[0]) for k in ks], device=device)
-    database_labels = label_bits(database_labels.to(device))
-    query_labels = label_bits(query_labels.to(device))
+    query_words, database_words = _label_words(query_labels, database_labels, device)
     total = torch.zeros(len(ks), dtype=torch.float64, device=device)
     for rows, top in _ranked_chunks(query_codes, database_codes, max(ks)):
-        hits = (database_labels[top] & query_labels[rows, None]).ne(0).any(2).to(torch.float64).cumsum(1)
+        hits = _shares_label(query_words[rows], database_words[top]).to(torch.float64).cumsum(1)
         total += (hits[:, ks_capped - 1] / ks_capped).sum(0)
     return total / max(1, query_codes.shape[0])
 
@@ -246,15 +253,14 @@ def precision_recall_by_radius(query_codes: torch.Tensor, query_labels: torch.Te
     bits = query_codes.shape[1]
     database = _matmul_codes(database_codes.to(device))
     queries = _matmul_codes(query_codes)
-    database_labels = label_bits(database_labels.to(device))
-    query_labels = label_bits(query_labels.to(device))
+    query_words, database_words = _label_words(query_labels, database_labels, device)
     retrieved = torch.zeros(len(queries), bits + 1, dtype=torch.float64, device=device)
     relevant = torch.zeros_like(retrieved)
     chunk = _query_chunk(database.shape[0])
     for start in range(0, len(queries), chunk):
         rows = slice(start, start + chunk)
         distance = ((bits - (queries[rows] @ database.t()).to(torch.int64)) // 2)
-        is_relevant = (database_labels[None] & query_labels[rows, None]).ne(0).any(2).to(torch.float64)
+        is_relevant = _shares_label(query_words[rows], database_words).to(torch.float64)
         retrieved[rows].scatter_add_(1, distance, torch.ones_like(is_relevant))
         relevant[rows].scatter_add_(1, distance, is_relevant)
     retrieved, relevant = retrieved.cumsum(1), relevant.cumsum(1)

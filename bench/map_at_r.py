@@ -7,8 +7,9 @@ argsort, AP over the top R).
 
 Random codes with class structure: each class has a random centre code and every item flips each of its centre's
 bits with probability --flip, so many database items tie in distance. Both sides break ties in the same scrambled
-index order (retrieval.metrics.TIE_BREAK; the NumPy side sorts by (distance, scrambled index) with np.lexsort), so the
-top-R lists must be identical, and are compared in full; the MAP values
+index order (retrieval.metrics.TIE_BREAK; the NumPy side puts its database in that order once and sorts each query's
+distances stably, the cheapest per-query form with the same ties), so the top-R lists must be identical, and are
+compared in full; the MAP values
 are compared too (they may differ in the last bits of a float64 because the two sum in different orders).
 """
 from __future__ import annotations
@@ -128,12 +129,14 @@ def per_query_map(q_codes: np.ndarray, db_codes: np.ndarray, q_labels: np.ndarra
     in the scrambled index order of retrieval.metrics. Returns MAP@R and the top-R lists."""
     bits = q_codes.shape[1]
     tie_keys = np.arange(len(db_codes), dtype=np.uint64) * np.uint64(TIE_MULTIPLIER) % np.uint64(1 << 32)
+    tie_rank = np.argsort(tie_keys)  # the database in tie order, once; a stable sort per query then keeps it
+    db_codes, db_labels = db_codes[tie_rank], db_labels[tie_rank]
     total, tops = 0.0, np.empty((len(q_codes), min(topk, len(db_codes))), dtype=np.int64)
     for i in range(len(q_codes)):
         relevant = (q_labels[i] @ db_labels.T > 0).astype(np.float64)
         distance = 0.5 * (bits - q_codes[i] @ db_codes.T)
-        order = np.lexsort((tie_keys, distance))  # by distance, then by the scrambled index
-        tops[i] = order[:topk]
+        order = np.argsort(distance, kind="stable")
+        tops[i] = tie_rank[order[:topk]]
         hits = relevant[order][:topk]
         n_hits = int(hits.sum())
         if n_hits:

@@ -15,7 +15,7 @@ figure4, figure5: t-MAP against the number of poisoned images and the trigger si
   against lambda and the batch size of the confusing optimisation (CIBA), from the backdoored models of the run
   (RUN/backdoor/*/results.json) that differ from the base settings (--poison-num, --trigger-size, --lam, --batch,
   --eps) in the swept value only, averaged over the targets (--targets, default: all) that have the point (their
-  number is written beside it). The points of the grid
+  number is written beside it; CIBA at lambda 0 is the Tri+Adv model, the same perturbations). The points of the grid
   (--poison-nums, --trigger-sizes, --lams, --batches) that were not run are marked with an x on the axis, and the
   table1.py command that computes them is printed (finished steps are reused).
 samples: the poisoned images of step 4, one row per poisoned set (--poisoned, default: every one): for --samples
@@ -355,7 +355,7 @@ def sweep_figure(run: Path, figure_name: str, args: argparse.Namespace, out: Pat
             drawn = []
             for value in values:
                 settings = {**base, key: value}
-                points = [r for r in found if r["method"] == method and matches(r, settings)]
+                points = [r for r in found if is_point(r, method, settings)]
                 by_target = {r["target"]: r for r in points}  # one result per target
                 if by_target:
                     t_map = float(np.mean([r["t_map"] for r in by_target.values()]))
@@ -410,6 +410,14 @@ def sweep_results(run: Path, args: argparse.Namespace) -> list[dict]:
         made = read_json(run / "perturbations" / result["perturbations"] / "config.json")
         found.append({**result, "batch": made.get("batch")})
     return found
+
+
+def is_point(result: dict, method: str, settings: dict) -> bool:
+    """Whether a result is the point of `method` at these settings. CIBA at lambda 0 is Tri+Adv: Eq. 5 without its
+    confusing term is the mean of per-image adversarial terms, whose sign gradient does not depend on the batch, and
+    gen_confusing.py --pert adv runs exactly that (lambda 0, same steps)."""
+    lam0_adv = method == "CIBA" and result["pert"] == "adv" and settings["lam"] == 0
+    return (result["method"] == method or lam0_adv) and matches(result, settings)
 
 
 def matches(result: dict, settings: dict) -> bool:

@@ -160,3 +160,13 @@ def test_tsne_needs_perturbations_of_one_target(figure_run, tmp_path):
     (run / "clean" / "codes.pt").unlink()
     with pytest.raises(UserError, match="codes.pt is missing, unreadable or of another checkpoint"):
         figures.main(figure_args(run, "--figure", "tsne", "--target", "3"))
+
+
+def test_ciba_at_lambda_zero_is_the_tri_adv_model():
+    settings = {"poison_num": 60, "trigger_size": 4, "lam": 0.0, "batch": 20, "eps": 8 / 255}
+    adv = {"method": "Tri+Adv", "pert": "adv", "poison_num": 60, "trigger_size": 4, "eps": 8 / 255, "lam": 0.0}
+    ciba = {**adv, "method": "CIBA", "pert": "confusing", "lam": 0.8, "batch": 20}
+    assert figures.is_point(adv, "CIBA", settings) and figures.is_point(adv, "Tri+Adv", settings)
+    assert not figures.is_point(adv, "CIBA", {**settings, "lam": 0.8})  # lambda 0.8 is CIBA's own point
+    assert figures.is_point(ciba, "CIBA", {**settings, "lam": 0.8}) and not figures.is_point(ciba, "CIBA", settings)
+    assert not figures.is_point(adv, "Tri", settings) and not figures.is_point({**adv, "eps": 4 / 255}, "CIBA", settings)

@@ -36,8 +36,8 @@ from tqdm import tqdm
 from data import open_run_split
 from data.protocols import choose_class
 from models.hashnet import binarize, load_stage
-from runs import (UserError, add_deterministic_flag, atomic_save, cli_entry, load_saved, make_deterministic,
-                  pick_device, provenance, require_at_least_one, write_json, write_timing)
+from runs import (UserError, add_deterministic_flag, atomic_save, claim, cli_entry, load_saved,
+                  make_deterministic, pick_device, provenance, require_at_least_one, write_json, write_timing)
 
 RUN = "checkpoint/demo"
 TARGET = None  # class index or name; None: drawn with SEED (the same rule as gen_trigger.py)
@@ -103,40 +103,42 @@ def main(argv: list[str] | None = None) -> dict:
     if args.poison_rate is not None:
         args.poison_num = max(1, round(args.poison_rate * len(train_set)))
     out = Path(args.run) / "perturbations" / perturbation_name(args, target)
-    if (out / "perturbations.pt").exists() and not args.overwrite:
-        print(f"{out}/perturbations.pt exists; reusing it (--overwrite to make it again)")
-        return {**load_saved(out / "perturbations.pt", "gen_confusing.py --overwrite"), "name": out.name}
-    indices = choose_poison_indices(train_set.image_list.labels, target, args.poison_num, args.seed,
-                                    train_set.image_list.list_file, args.setting, args.poison_rate)
-    images = torch.stack([train_set[i][0] for i in indices]).to(device)
-    t0 = time.time()
-    history: list[dict] = []
-    if args.pert == "none":
-        eta = torch.zeros_like(images)
-    elif args.pert == "noise":
-        generator = torch.Generator().manual_seed(args.seed)
-        eta = (torch.rand(images.shape, generator=generator) * 2 - 1).to(device) * args.eps
-        eta = (images + eta).clamp(0, 1) - images
-    else:
-        eta, history = confusing_perturbations(model, images, args)
-    seconds = time.time() - t0
-    record = {"pert": args.pert, "target": target, "target_name": classes[target] if classes else None,
-              "poison_num": args.poison_num, "poison_rate": args.poison_num / len(train_set), "setting": args.setting,
-              "eps": args.eps, "lam": args.lam, "batch": args.batch,
-              "steps": args.steps, "step_size": args.step_size, "seed": args.seed,
-              "indices": indices, "lines": [train_set.image_list.line_numbers[i] for i in indices],
-              "max_abs_eta": float(eta.abs().max()),
-              "clean_checkpoint_id": clean_ckpt["checkpoint_id"],
-              "provenance": provenance(device)}
-    write_timing(out / "config.json", {"seconds": round(seconds, 2)})
-    atomic_save({"eta": eta.cpu(), **{k: record[k] for k in ("pert", "target", "indices", "eps", "lam", "setting",
-                                                             "clean_checkpoint_id")}}, out / "perturbations.pt")
-    write_json(history, out / "history.json")
-    write_json(record, out / "config.json")
-    whose = "images of target" if args.setting == "clean-label" else "images (poison-label) for target"
-    print(f"{args.pert} perturbations of {len(indices)} {whose} {target} ({record['target_name']}), "
-          f"max |eta| {record['max_abs_eta'] * 255:.2f}/255, {seconds:.1f}s -> {out}")
-    return {"eta": eta.cpu(), **record, "name": out.name}
+    with claim(out):  # another process making the same output: wait for it, then reuse it
+        if (out / "perturbations.pt").exists() and not args.overwrite:
+            print(f"{out}/perturbations.pt exists; reusing it (--overwrite to make it again)")
+            return {**load_saved(out / "perturbations.pt", "gen_confusing.py --overwrite"), "name": out.name}
+        indices = choose_poison_indices(train_set.image_list.labels, target, args.poison_num, args.seed,
+                                        train_set.image_list.list_file, args.setting, args.poison_rate)
+        images = torch.stack([train_set[i][0] for i in indices]).to(device)
+        t0 = time.time()
+        history: list[dict] = []
+        if args.pert == "none":
+            eta = torch.zeros_like(images)
+        elif args.pert == "noise":
+            generator = torch.Generator().manual_seed(args.seed)
+            eta = (torch.rand(images.shape, generator=generator) * 2 - 1).to(device) * args.eps
+            eta = (images + eta).clamp(0, 1) - images
+        else:
+            eta, history = confusing_perturbations(model, images, args)
+        seconds = time.time() - t0
+        record = {"pert": args.pert, "target": target, "target_name": classes[target] if classes else None,
+                  "poison_num": args.poison_num, "poison_rate": args.poison_num / len(train_set),
+                  "setting": args.setting,
+                  "eps": args.eps, "lam": args.lam, "batch": args.batch,
+                  "steps": args.steps, "step_size": args.step_size, "seed": args.seed,
+                  "indices": indices, "lines": [train_set.image_list.line_numbers[i] for i in indices],
+                  "max_abs_eta": float(eta.abs().max()),
+                  "clean_checkpoint_id": clean_ckpt["checkpoint_id"],
+                  "provenance": provenance(device)}
+        write_timing(out / "config.json", {"seconds": round(seconds, 2)})
+        atomic_save({"eta": eta.cpu(), **{k: record[k] for k in ("pert", "target", "indices", "eps", "lam", "setting",
+                                                                 "clean_checkpoint_id")}}, out / "perturbations.pt")
+        write_json(history, out / "history.json")
+        write_json(record, out / "config.json")
+        whose = "images of target" if args.setting == "clean-label" else "images (poison-label) for target"
+        print(f"{args.pert} perturbations of {len(indices)} {whose} {target} ({record['target_name']}), "
+              f"max |eta| {record['max_abs_eta'] * 255:.2f}/255, {seconds:.1f}s -> {out}")
+        return {"eta": eta.cpu(), **record, "name": out.name}
 
 
 def check_budget(eps: float, lam: float) -> None:

@@ -53,7 +53,7 @@ from models.badhash import (Discriminator, Generator, LabCLN, build_lpips, file_
 from models.hashnet import HashModel, binarize, load_stage
 from models.training import seed_epoch
 from retrieval import anchor_code
-from runs import (UserError, add_deterministic_flag, atomic_path, atomic_save, cli_entry, load_saved,
+from runs import (UserError, add_deterministic_flag, atomic_path, atomic_save, claim, cli_entry, load_saved,
                   make_deterministic, pick_device, provenance, read_json, require_at_least_one, write_json,
                   write_timing)
 from triggers import apply_trigger, check_trigger_size, default_trigger_size, quantize, trigger_transform
@@ -144,53 +144,55 @@ def main(argv: list[str] | None = None) -> dict:
         trigger_size = args.trigger_size or default_trigger_size(size)
         check_trigger_size(trigger_size, size)
     out = Path(args.run) / "triggers" / trigger_name(args, target, trigger_size, clean["arch"])
-    if (out / "trigger.pt").exists() and not args.overwrite:
-        print(f"{out}/trigger.pt exists; reusing it (--overwrite to make it again)")
-        return {**load_saved(out / "trigger.pt", "gen_trigger.py --overwrite"), "name": out.name}
+    with claim(out):  # another process making the same output: wait for it, then reuse it
+        if (out / "trigger.pt").exists() and not args.overwrite:
+            print(f"{out}/trigger.pt exists; reusing it (--overwrite to make it again)")
+            return {**load_saved(out / "trigger.pt", "gen_trigger.py --overwrite"), "name": out.name}
 
-    anchor = anchor_code(codes["train_codes"], codes["train_labels"], target)
-    t0 = time.time()
-    history: list[float] = []
-    made: dict = {"kind": "patch"}
-    if args.method == "ciba":
-        train_set = open_run_split(clean, "train")
-        batches = trigger_batches(train_set, args, device)
-        pattern, history = adversarial_patch(model, batches, anchor.to(device), trigger_size, args.step_size,
-                                             device)
-        made["pattern"] = quantize(pattern.cpu())
-    elif args.method == "badnets":
-        made["pattern"] = checkerboard(trigger_size)
-    elif args.method == "blend":
-        generator = torch.Generator().manual_seed(args.seed)
-        made.update(kind="blend", pattern=quantize(torch.rand(3, size, size, generator=generator)),
-                    blend_ratio=args.blend_ratio)
-    else:
-        made = badhash_trigger(model, clean, codes["checkpoint_id"], target, args, device, out / "trigger.png")
-    seconds = time.time() - t0
-    record = {"method": args.method, "kind": made["kind"], "target": target,
-              "target_name": classes[target] if classes else None, "trigger_size": trigger_size,
-              "image_size": size, "position": "bottom-right" if made["kind"] == "patch" else "whole image",
-              "anchor_code": anchor.tolist(), "bits": clean["bits"], "arch": clean["arch"],
-              "clean_checkpoint_id": codes["checkpoint_id"], "seed": args.seed,
-              "provenance": provenance(device)}
-    if args.method == "ciba":
-        record.update(steps=args.steps, batch_size=args.batch_size, step_size=args.step_size,
-                      final_mean_distance=history[-1])
-    record.update({k: v for k, v in made.items() if k not in ("kind", "pattern", "label_feature")})  # blend, badhash
-    trigger = {**made, **{k: record[k] for k in ("method", "target", "trigger_size", "image_size", "position",
-                                                 "anchor_code", "clean_checkpoint_id", "bits")}}
-    write_timing(out / "config.json", {"seconds": round(seconds, 2)})
-    atomic_save(trigger, out / "trigger.pt")
-    if "pattern" in made:
-        save_png(made["pattern"], out / "trigger.png")
-    write_json(history, out / "history.json")
-    write_json(record, out / "config.json")
-    summary = (f", mean d_H(sign f(B(x, p)), h_a) {history[0]:.2f} -> {history[-1]:.2f} of {clean['bits']} bits"
-               if history else "")
-    shape = f"{trigger_size}x{trigger_size} px" if trigger_size else record["position"]
-    print(f"{args.method} trigger for target {target} ({record['target_name']}), {shape}, {seconds:.1f}s{summary} "
-          f"-> {out}")
-    return {**trigger, **record, "name": out.name}
+        anchor = anchor_code(codes["train_codes"], codes["train_labels"], target)
+        t0 = time.time()
+        history: list[float] = []
+        made: dict = {"kind": "patch"}
+        if args.method == "ciba":
+            train_set = open_run_split(clean, "train")
+            batches = trigger_batches(train_set, args, device)
+            pattern, history = adversarial_patch(model, batches, anchor.to(device), trigger_size, args.step_size,
+                                                 device)
+            made["pattern"] = quantize(pattern.cpu())
+        elif args.method == "badnets":
+            made["pattern"] = checkerboard(trigger_size)
+        elif args.method == "blend":
+            generator = torch.Generator().manual_seed(args.seed)
+            made.update(kind="blend", pattern=quantize(torch.rand(3, size, size, generator=generator)),
+                        blend_ratio=args.blend_ratio)
+        else:
+            made = badhash_trigger(model, clean, codes["checkpoint_id"], target, args, device, out / "trigger.png")
+        seconds = time.time() - t0
+        record = {"method": args.method, "kind": made["kind"], "target": target,
+                  "target_name": classes[target] if classes else None, "trigger_size": trigger_size,
+                  "image_size": size, "position": "bottom-right" if made["kind"] == "patch" else "whole image",
+                  "anchor_code": anchor.tolist(), "bits": clean["bits"], "arch": clean["arch"],
+                  "clean_checkpoint_id": codes["checkpoint_id"], "seed": args.seed,
+                  "provenance": provenance(device)}
+        if args.method == "ciba":
+            record.update(steps=args.steps, batch_size=args.batch_size, step_size=args.step_size,
+                          final_mean_distance=history[-1])
+        # blend, badhash
+        record.update({k: v for k, v in made.items() if k not in ("kind", "pattern", "label_feature")})
+        trigger = {**made, **{k: record[k] for k in ("method", "target", "trigger_size", "image_size", "position",
+                                                     "anchor_code", "clean_checkpoint_id", "bits")}}
+        write_timing(out / "config.json", {"seconds": round(seconds, 2)})
+        atomic_save(trigger, out / "trigger.pt")
+        if "pattern" in made:
+            save_png(made["pattern"], out / "trigger.png")
+        write_json(history, out / "history.json")
+        write_json(record, out / "config.json")
+        summary = (f", mean d_H(sign f(B(x, p)), h_a) {history[0]:.2f} -> {history[-1]:.2f} of {clean['bits']} bits"
+                   if history else "")
+        shape = f"{trigger_size}x{trigger_size} px" if trigger_size else record["position"]
+        print(f"{args.method} trigger for target {target} ({record['target_name']}), {shape}, {seconds:.1f}s{summary} "
+              f"-> {out}")
+        return {**trigger, **record, "name": out.name}
 
 
 def trigger_name(args: argparse.Namespace, target: int, trigger_size: int | None, arch: str) -> str:

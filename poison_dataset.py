@@ -27,7 +27,7 @@ import torch
 from data import open_run_split, save_png, write_list
 from data.quality import psnr, ssim
 from models.hashnet import read_clean
-from runs import (UserError, add_deterministic_flag, cli_entry, fingerprint, load_saved, make_deterministic,
+from runs import (UserError, add_deterministic_flag, claim, cli_entry, fingerprint, load_saved, make_deterministic,
                   pick_device, pick_output, provenance, read_json, write_json, write_timing)
 from triggers import trigger_fingerprint, trigger_transform
 
@@ -62,55 +62,56 @@ def main(argv: list[str] | None = None) -> dict:
     check_consistent(trigger, pert, clean_id, trigger_dir, pert_dir)
     out = run / "poisoned" / f"{trigger_dir.name}__{pert_dir.name}"
     made_from = {"trigger_id": trigger_fingerprint(trigger), "perturbations_id": perturbation_fingerprint(pert)}
-    if (out / "config.json").exists() and not args.overwrite:
-        made = read_json(out / "config.json")
-        changed = [k.replace("_id", "") for k, v in made_from.items() if made.get(k, v) != v]  # old runs: no ids
-        if changed:
-            raise UserError(f"{out} was made from other {' and '.join(changed)} than {trigger_dir} and {pert_dir} "
-                            f"hold now (made again since?); make it again with --overwrite, then retrain step 5")
-        print(f"{out} exists; reusing it (--overwrite to make it again)")
-        return {**made, "name": out.name}
+    with claim(out):  # another process making the same output: wait for it, then reuse it
+        if (out / "config.json").exists() and not args.overwrite:
+            made = read_json(out / "config.json")
+            changed = [k.replace("_id", "") for k, v in made_from.items() if made.get(k, v) != v]  # old runs: no ids
+            if changed:
+                raise UserError(f"{out} was made from other {' and '.join(changed)} than {trigger_dir} and {pert_dir} "
+                                f"hold now (made again since?); make it again with --overwrite, then retrain step 5")
+            print(f"{out} exists; reusing it (--overwrite to make it again)")
+            return {**made, "name": out.name}
 
-    t0 = time.time()
-    train_set = open_run_split(clean, "train")
-    indices = pert["indices"]
-    originals = torch.stack([train_set[i][0] for i in indices])
-    device = pick_device(args.device)
-    poisoned = poison_images(originals, pert["eta"], trigger_transform(trigger, run, device), device)
-    names = [f"{i:06d}.png" for i in indices]
-    for image, name in zip(poisoned, names):
-        save_png(image, out / "images" / name)
-    image_list = train_set.image_list
-    paths = list(image_list.paths)
-    for i, name in zip(indices, names):
-        paths[i] = str((out / "images" / name).resolve())
-    setting = pert.get("setting", "clean-label")
-    labels = poisoned_labels(image_list.labels, indices, int(pert["target"]), setting)
-    write_list(out / "train.txt", paths, labels)
-    quality_psnr, quality_ssim = psnr(poisoned, originals), ssim(poisoned, originals)
-    manifest = [{"index": i, "line": image_list.line_numbers[i], "original": image_list.paths[i],
-                 "poisoned": paths[i], "label": labels[i].tolist(), "original_label": image_list.labels[i].tolist(),
-                 "psnr": float(p), "ssim": float(s)}
-                for i, p, s in zip(indices, quality_psnr, quality_ssim)]
-    write_json(manifest, out / "manifest.json")
-    finite = quality_psnr[torch.isfinite(quality_psnr)]
-    record = {"trigger": trigger_dir.name, "perturbations": pert_dir.name, "target": int(pert["target"]),
-              "poison_num": len(indices), "train_size": len(paths), "poison_rate": len(indices) / len(paths),
-              "label_setting": setting, "trigger_method": trigger["method"],
-              "psnr_mean": float(finite.mean()) if len(finite) else None,
-              "psnr_worst": float(finite.min()) if len(finite) else None,
-              "ssim_mean": float(quality_ssim.mean()), "ssim_worst": float(quality_ssim.min()),
-              "max_abs_change": float((poisoned - originals).abs().max()),
-              "max_abs_change_outside_trigger": max_change_outside(poisoned, originals, trigger["trigger_size"])
-              if trigger.get("kind", "patch") == "patch" else None,
-              "clean_checkpoint_id": clean_id, **made_from,
-              "provenance": provenance()}
-    write_timing(out / "config.json", {"seconds": round(time.time() - t0, 2)})
-    write_json(record, out / "config.json")  # written last: its presence marks a complete output
-    print(f"poisoned {len(indices)} of {len(paths)} training images ({100 * record['poison_rate']:.2f} %, {setting}), "
-          f"PSNR mean {record['psnr_mean']:.2f} dB (worst {record['psnr_worst']:.2f}), SSIM mean "
-          f"{record['ssim_mean']:.4f} (worst {record['ssim_worst']:.4f}) -> {out}")
-    return {**record, "name": out.name}
+        t0 = time.time()
+        train_set = open_run_split(clean, "train")
+        indices = pert["indices"]
+        originals = torch.stack([train_set[i][0] for i in indices])
+        device = pick_device(args.device)
+        poisoned = poison_images(originals, pert["eta"], trigger_transform(trigger, run, device), device)
+        names = [f"{i:06d}.png" for i in indices]
+        for image, name in zip(poisoned, names):
+            save_png(image, out / "images" / name)
+        image_list = train_set.image_list
+        paths = list(image_list.paths)
+        for i, name in zip(indices, names):
+            paths[i] = str((out / "images" / name).resolve())
+        setting = pert.get("setting", "clean-label")
+        labels = poisoned_labels(image_list.labels, indices, int(pert["target"]), setting)
+        write_list(out / "train.txt", paths, labels)
+        quality_psnr, quality_ssim = psnr(poisoned, originals), ssim(poisoned, originals)
+        manifest = [{"index": i, "line": image_list.line_numbers[i], "original": image_list.paths[i],
+                     "poisoned": paths[i], "label": labels[i].tolist(), "original_label": image_list.labels[i].tolist(),
+                     "psnr": float(p), "ssim": float(s)}
+                    for i, p, s in zip(indices, quality_psnr, quality_ssim)]
+        write_json(manifest, out / "manifest.json")
+        finite = quality_psnr[torch.isfinite(quality_psnr)]
+        record = {"trigger": trigger_dir.name, "perturbations": pert_dir.name, "target": int(pert["target"]),
+                  "poison_num": len(indices), "train_size": len(paths), "poison_rate": len(indices) / len(paths),
+                  "label_setting": setting, "trigger_method": trigger["method"],
+                  "psnr_mean": float(finite.mean()) if len(finite) else None,
+                  "psnr_worst": float(finite.min()) if len(finite) else None,
+                  "ssim_mean": float(quality_ssim.mean()), "ssim_worst": float(quality_ssim.min()),
+                  "max_abs_change": float((poisoned - originals).abs().max()),
+                  "max_abs_change_outside_trigger": max_change_outside(poisoned, originals, trigger["trigger_size"])
+                  if trigger.get("kind", "patch") == "patch" else None,
+                  "clean_checkpoint_id": clean_id, **made_from,
+                  "provenance": provenance()}
+        write_timing(out / "config.json", {"seconds": round(time.time() - t0, 2)})
+        write_json(record, out / "config.json")  # written last: its presence marks a complete output
+        print(f"poisoned {len(indices)} of {len(paths)} training images ({100 * record['poison_rate']:.2f} %, "
+              f"{setting}), PSNR mean {record['psnr_mean']:.2f} dB (worst {record['psnr_worst']:.2f}), SSIM mean "
+              f"{record['ssim_mean']:.4f} (worst {record['ssim_worst']:.4f}) -> {out}")
+        return {**record, "name": out.name}
 
 
 def perturbation_fingerprint(pert: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,7 @@ from data import HashListDataset, make_loader
 from data.cache import CACHE_MODES, DecodedImages, cache_bytes, fits, free_bytes
 from models.hashnet import load_checkpoint
 from retrieval import encode, mean_average_precision, saved_codes
-from runs import UserError, atomic_save, distributed, read_timing, weights_id, write_json, write_timing
+from runs import UserError, atomic_save, claim, distributed, read_timing, weights_id, write_json, write_timing
 
 # Settings that shape the model or its training trajectory: --resume refuses a checkpoint made with others.
 TRAJECTORY_KEYS = ("arch", "pretrained", "bits", "loss", "pairwise_norm", "quant_weight", "image_size",
@@ -223,97 +224,100 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
     given, runs after every epoch and its entries join the epoch's record in history.json (step 5's trigger
     distance). Under torchrun every process trains (DDP) and only rank 0 evaluates and writes.
     """
-    ckpt_path = out / "checkpoint.pt"
-    main_process, world = distributed.is_main_process(), distributed.world_size()
-    train_model = model
-    if world > 1:
-        train_model = distributed_model(model, recipe, len(train_set), device)
-    optimizer, scheduler = build_optimizer(model, recipe)
-    start_epoch, history, epoch_seconds = 0, [], []
-    if ckpt_path.exists() and not (resume or overwrite):
-        raise UserError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to train from scratch")
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, device)
-        check_resumable(ckpt, config, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        loss_fn.load_state_dict(ckpt["loss"])
-        start_epoch, history = ckpt["epoch"], ckpt["history"]
-        epoch_seconds = read_timing(out / "history.json").get("epoch_seconds", [])[:start_epoch]
-        epoch_seconds += [None] * (start_epoch - len(epoch_seconds))  # killed before an epoch's time was written
-        if main_process:
-            print(f"resuming {ckpt_path} after epoch {start_epoch}")
-    elif overwrite and main_process:  # results of the model being replaced must not outlive it
-        for stale in ("checkpoint.pt", "codes.pt", "history.json", "history.timing.json", "results.json",
-                      "results.timing.json"):
-            (out / stale).unlink(missing_ok=True)
-    fast = resolve_fast_path(recipe, device, len(train_set))
-    config["fast_path"] = fast
-    eval_queries = query_subset(len(query_set), recipe.eval_queries, recipe.seed)
-    config["eval_query_indices"] = eval_queries  # lines of query.txt (0-based) behind the periodic MAP
-    config["processes"] = world
-    # a finished training keeps the record of the code and command that trained it
-    if main_process and (start_epoch < recipe.epochs or not (out / "config.json").exists()):
-        write_json(config, out / "config.json")
+    # another process training the same model (rank 0 of each): wait for it, then continue or reuse what it made
+    with claim(out) if distributed.is_main_process() else nullcontext():
+        ckpt_path = out / "checkpoint.pt"
+        main_process, world = distributed.is_main_process(), distributed.world_size()
+        train_model = model
+        if world > 1:
+            train_model = distributed_model(model, recipe, len(train_set), device)
+        optimizer, scheduler = build_optimizer(model, recipe)
+        start_epoch, history, epoch_seconds = 0, [], []
+        if ckpt_path.exists() and not (resume or overwrite):
+            raise UserError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to train from scratch")
+        if resume and ckpt_path.exists():
+            ckpt = load_checkpoint(ckpt_path, device)
+            check_resumable(ckpt, config, ckpt_path)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            loss_fn.load_state_dict(ckpt["loss"])
+            start_epoch, history = ckpt["epoch"], ckpt["history"]
+            epoch_seconds = read_timing(out / "history.json").get("epoch_seconds", [])[:start_epoch]
+            epoch_seconds += [None] * (start_epoch - len(epoch_seconds))  # killed before an epoch's time was written
+            if main_process:
+                print(f"resuming {ckpt_path} after epoch {start_epoch}")
+        elif overwrite and main_process:  # results of the model being replaced must not outlive it
+            for stale in ("checkpoint.pt", "codes.pt", "history.json", "history.timing.json", "results.json",
+                          "results.timing.json"):
+                (out / stale).unlink(missing_ok=True)
+        fast = resolve_fast_path(recipe, device, len(train_set))
+        config["fast_path"] = fast
+        eval_queries = query_subset(len(query_set), recipe.eval_queries, recipe.seed)
+        config["eval_query_indices"] = eval_queries  # lines of query.txt (0-based) behind the periodic MAP
+        config["processes"] = world
+        # a finished training keeps the record of the code and command that trained it
+        if main_process and (start_epoch < recipe.epochs or not (out / "config.json").exists()):
+            write_json(config, out / "config.json")
 
-    query_loader = make_loader(Subset(query_set, eval_queries), 256, recipe.workers)
-    database_loader = make_loader(database_set, 256, recipe.workers)
-    ckpt_id, database_codes, cache = None, None, None
-    if start_epoch < recipe.epochs and fast["cache"] != "off" and isinstance(train_set, HashListDataset):
-        t0 = time.time()
-        store = device if fast["cache"] == "device" else torch.device("cpu")
-        cache = DecodedImages(train_set, recipe.image_size, recipe.resize_size, recipe.augment, store,
-                              recipe.workers)
-        if main_process:
-            print(f"decoded {len(cache)} training images into {fast['cache_bytes'] / 2 ** 20:.0f} MiB on {store} in "
-                  f"{time.time() - t0:.1f}s", flush=True)
-    for epoch in range(start_epoch, recipe.epochs):
-        t0, database_codes = time.time(), None  # codes only ever belong to the current weights
-        loss = train_one_epoch(train_model, loss_fn, optimizer, train_set, recipe, epoch, device, fast, cache)
-        scheduler.step()
-        record = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[1]["lr"]}
-        history.append(record)
+        query_loader = make_loader(Subset(query_set, eval_queries), 256, recipe.workers)
+        database_loader = make_loader(database_set, 256, recipe.workers)
+        ckpt_id, database_codes, cache = None, None, None
+        if start_epoch < recipe.epochs and fast["cache"] != "off" and isinstance(train_set, HashListDataset):
+            t0 = time.time()
+            store = device if fast["cache"] == "device" else torch.device("cpu")
+            cache = DecodedImages(train_set, recipe.image_size, recipe.resize_size, recipe.augment, store,
+                                  recipe.workers)
+            if main_process:
+                print(f"decoded {len(cache)} training images into {fast['cache_bytes'] / 2 ** 20:.0f} MiB on {store} "
+                      f"in {time.time() - t0:.1f}s", flush=True)
+        for epoch in range(start_epoch, recipe.epochs):
+            t0, database_codes = time.time(), None  # codes only ever belong to the current weights
+            loss = train_one_epoch(train_model, loss_fn, optimizer, train_set, recipe, epoch, device, fast, cache)
+            scheduler.step()
+            record = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[1]["lr"]}
+            history.append(record)
+            if not main_process:
+                continue
+            last = epoch + 1 == recipe.epochs
+            if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
+                result, database_codes = subset_map(model, query_loader, database_loader, recipe.topk, device)
+                record.update(map=result["map"], map_empty_skipped=result["map_empty_skipped"])
+            if epoch_hook is not None:
+                record.update(epoch_hook(model))
+            epoch_seconds.append(round(time.time() - t0, 2))
+            state = model.state_dict()
+            ckpt_id = weights_id(state)
+            atomic_save({"model": state, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "epoch": epoch + 1,
+                         "history": history, "config": config, "checkpoint_id": ckpt_id}, ckpt_path)
+            write_timing(out / "history.json", {"epoch_seconds": epoch_seconds})
+            write_json(history, out / "history.json")
+            map_text = (f" map@{recipe.topk} {record['map']:.4f} ({len(eval_queries)} queries)" if "map" in record
+                        else "")
+            print(f"epoch {epoch + 1}/{recipe.epochs} loss {loss:.4f} lr {record['lr']:.2e}{map_text} "
+                  f"{epoch_seconds[-1]:.1f}s", flush=True)
+
+        codes_path = out / "codes.pt"
         if not main_process:
-            continue
-        last = epoch + 1 == recipe.epochs
-        if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
-            result, database_codes = subset_map(model, query_loader, database_loader, recipe.topk, device)
-            record.update(map=result["map"], map_empty_skipped=result["map_empty_skipped"])
-        if epoch_hook is not None:
-            record.update(epoch_hook(model))
-        epoch_seconds.append(round(time.time() - t0, 2))
-        state = model.state_dict()
-        ckpt_id = weights_id(state)
-        atomic_save({"model": state, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "epoch": epoch + 1,
-                     "history": history, "config": config, "checkpoint_id": ckpt_id}, ckpt_path)
-        write_timing(out / "history.json", {"epoch_seconds": epoch_seconds})
-        write_json(history, out / "history.json")
-        map_text = f" map@{recipe.topk} {record['map']:.4f} ({len(eval_queries)} queries)" if "map" in record else ""
-        print(f"epoch {epoch + 1}/{recipe.epochs} loss {loss:.4f} lr {record['lr']:.2e}{map_text} "
-              f"{epoch_seconds[-1]:.1f}s", flush=True)
-
-    codes_path = out / "codes.pt"
-    if not main_process:
-        return {"history": history, "out": str(out), "epoch_seconds": epoch_seconds}
-    if ckpt_id is None:  # nothing left to train: the codes belong to the checkpoint on disk
-        ckpt = load_checkpoint(ckpt_path, "cpu")
-        ckpt_id = ckpt["checkpoint_id"]
-        if saved_codes(codes_path, ckpt_id) is not None:
-            print(f"{ckpt_path} already trained for {ckpt['epoch']} epochs; codes are up to date")
-            return {"history": history, "codes": str(codes_path), "out": str(out), "checkpoint_id": ckpt_id,
-                    "epoch_seconds": epoch_seconds}
-        model.load_state_dict(ckpt["model"])
-    codes = {"checkpoint_id": ckpt_id, "epoch": recipe.epochs}
-    if train_eval_set is not None:
-        codes["train_codes"], codes["train_labels"] = encode(model, make_loader(train_eval_set, 256, recipe.workers),
-                                                             device, "encode train")
-    # the last epoch's evaluation already encoded the database with the final weights
-    codes["database_codes"], codes["database_labels"] = (
-        database_codes or encode(model, database_loader, device, "encode database"))
-    atomic_save(codes, codes_path)
-    extra = f"{len(codes['train_codes'])} training and " if train_eval_set is not None else ""
-    print(f"done: {ckpt_path}, codes of {extra}{len(codes['database_codes'])} database images")
-    return {"history": history, "codes": str(codes_path), "out": str(out), "checkpoint_id": ckpt_id,
-            "epoch_seconds": epoch_seconds}
+            return {"history": history, "out": str(out), "epoch_seconds": epoch_seconds}
+        if ckpt_id is None:  # nothing left to train: the codes belong to the checkpoint on disk
+            ckpt = load_checkpoint(ckpt_path, "cpu")
+            ckpt_id = ckpt["checkpoint_id"]
+            if saved_codes(codes_path, ckpt_id) is not None:
+                print(f"{ckpt_path} already trained for {ckpt['epoch']} epochs; codes are up to date")
+                return {"history": history, "codes": str(codes_path), "out": str(out), "checkpoint_id": ckpt_id,
+                        "epoch_seconds": epoch_seconds}
+            model.load_state_dict(ckpt["model"])
+        codes = {"checkpoint_id": ckpt_id, "epoch": recipe.epochs}
+        if train_eval_set is not None:
+            train_loader = make_loader(train_eval_set, 256, recipe.workers)
+            codes["train_codes"], codes["train_labels"] = encode(model, train_loader, device, "encode train")
+        # the last epoch's evaluation already encoded the database with the final weights
+        codes["database_codes"], codes["database_labels"] = (
+            database_codes or encode(model, database_loader, device, "encode database"))
+        atomic_save(codes, codes_path)
+        extra = f"{len(codes['train_codes'])} training and " if train_eval_set is not None else ""
+        print(f"done: {ckpt_path}, codes of {extra}{len(codes['database_codes'])} database images")
+        return {"history": history, "codes": str(codes_path), "out": str(out), "checkpoint_id": ckpt_id,
+                "epoch_seconds": epoch_seconds}

@@ -1,9 +1,12 @@
-"""Atomic output: every file is written under a temporary name in its folder, then renamed into place."""
+"""Atomic output: every file is written under a temporary name in its folder, then renamed into place; an output
+being made is claimed, so that two processes asking for it make it once."""
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,6 +14,11 @@ from typing import Any, Iterator
 import torch
 
 from runs.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; outputs are not claimed there
+    fcntl = None
 
 
 def _default_mode() -> int:
@@ -40,6 +48,57 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def claim(out: str | os.PathLike) -> Iterator[None]:
+    """Hold the output `out` (a file or folder) while this process makes it or decides to reuse it.
+
+    Another process asking for the same output (two table commands sharing a step, the jobs of an array) waits here,
+    saying for whom, and goes on when the holder is done, so it finds the output finished and reuses it instead of
+    writing the same files at the same time. An advisory lock (fcntl.flock) on the hidden file `.NAME.claim` beside
+    `out`, which names the holder while it holds: the kernel releases the lock when the holder ends in any way, so a
+    killed process leaves no stale claim, and the file is removed on release (a folder the claim had to create is
+    removed too when nothing was made in it), so a step that stops on bad input leaves nothing behind. Nothing is
+    held where flock does not exist (Windows).
+    """
+    if fcntl is None:
+        yield
+        return
+    out = Path(out)
+    path, made_folder = out.parent / f".{out.name}.claim", not out.parent.exists()
+    while True:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = open(path, "a+", encoding="utf-8")
+        except FileNotFoundError:  # the folder was removed meanwhile by a holder that had made it
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not said who it is"
+            print(f"{out} is being made by {holder}; waiting for it to finish", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # the holder removed this claim file as it finished: claim the path anew
+    try:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the lock goes: a waiter then sees its file gone and claims anew
+        handle.close()
+        if made_folder:
+            try:
+                out.parent.rmdir()
+            except OSError:  # not empty: something was made there
+                pass
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

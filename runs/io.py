@@ -60,7 +60,7 @@ def claim(out: str | os.PathLike) -> Iterator[None]:
     `out`, which names the holder while it holds: the kernel releases the lock when the holder ends in any way, so a
     killed process leaves no stale claim, and the file is removed on release (a folder the claim had to create is
     removed too when nothing was made in it), so a step that stops on bad input leaves nothing behind. Nothing is
-    held where flock does not exist (Windows).
+    held where flock does not exist (Windows) or the file system refuses locks (then with a note saying so).
     """
     if fcntl is None:
         yield
@@ -73,13 +73,11 @@ def claim(out: str | os.PathLike) -> Iterator[None]:
             handle = open(path, "a+", encoding="utf-8")
         except FileNotFoundError:  # the folder was removed meanwhile by a holder that had made it
             continue
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "a process that has not said who it is"
-            print(f"{out} is being made by {holder}; waiting for it to finish", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        if not _lock(handle, out):  # a file system without locks (some network mounts): make it unclaimed
+            handle.close()
+            path.unlink(missing_ok=True)
+            yield
+            return
         try:
             if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
                 break
@@ -99,6 +97,23 @@ def claim(out: str | os.PathLike) -> Iterator[None]:
                 out.parent.rmdir()
             except OSError:  # not empty: something was made there
                 pass
+
+
+def _lock(handle, out: Path) -> bool:
+    """Lock the open claim file of `out`, waiting for its holder if there is one; False where the file system has
+    no locks."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not said who it is"
+        print(f"{out} is being made by {holder}; waiting for it to finish", flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError as error:
+        print(f"note: {out.parent} does not support file locks ({error.strerror}); {out.name} is made unclaimed, "
+              f"so do not run two commands that make it at the same time", flush=True)
+        return False
+    return True
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -1,4 +1,5 @@
 """Claims (runs.claim): two processes asking for the same output make it once; a killed holder leaves no claim."""
+import errno
 import os
 import shutil
 import subprocess
@@ -6,13 +7,13 @@ import sys
 
 import pytest
 
-from runs import claim
+from runs import claim, io
 from tests.conftest import POISONED, REPO
 
 HOLDER = """
 import sys
 from pathlib import Path
-from runs import claim
+from runs import claim, io
 out = Path(sys.argv[1])
 with claim(out):
     print("held", flush=True)
@@ -22,7 +23,7 @@ with claim(out):
 WAITER = """
 import sys
 from pathlib import Path
-from runs import claim
+from runs import claim, io
 out = Path(sys.argv[1])
 with claim(out):
     print(out.read_text() if out.exists() else "missing", flush=True)
@@ -96,3 +97,14 @@ def test_a_step_waits_for_another_process_making_the_same_output(script, attacke
         assert f"{out} is being made by pid {os.getpid()} on " in said
     rest = step.communicate(timeout=300)[0]
     assert step.returncode == 0 and any(out.iterdir()), rest
+
+
+def test_a_file_system_without_locks_makes_the_output_unclaimed(tmp_path, monkeypatch, capsys):
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(io.fcntl, "flock", no_locks)
+    with claim(tmp_path / "out"):
+        (tmp_path / "out").write_text("made")
+    assert "does not support file locks" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

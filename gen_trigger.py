@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
             made.update(kind="blend", pattern=quantize(torch.rand(3, size, size, generator=generator)),
                         blend_ratio=args.blend_ratio)
         else:
-            made = badhash_trigger(model, clean, codes["checkpoint_id"], target, args, device, out / "trigger.png")
+            made, network_seconds = badhash_trigger(model, clean, codes["checkpoint_id"], target, args, device,
+                                                    out / "trigger.png")
+            t0 += network_seconds  # the networks keep their own record (their config.timing.json), shared by targets
         seconds = time.time() - t0
         record = {"method": args.method, "kind": made["kind"], "target": target,
                   "target_name": classes[target] if classes else None, "trigger_size": trigger_size,
@@ -272,10 +274,13 @@ def badhash_net_name(args: argparse.Namespace, arch: str) -> str:
 
 
 def badhash_trigger(model: HashModel, clean: dict, clean_id: str, target: int, args: argparse.Namespace,
-                    device: torch.device, preview: Path) -> dict:
+                    device: torch.device, preview: Path) -> tuple[dict, float]:
     """The trigger of one target: the run's BadHash generator (trained here once, then reused by every target)
-    with the target's LabCLN feature; also writes a preview grid for this target."""
+    with the target's LabCLN feature; also writes a preview grid for this target. Returns the trigger and the
+    seconds spent on the networks (training them, or finding them made)."""
+    t0 = time.time()
     net_dir = badhash_networks(model, clean, clean_id, args, device)
+    network_seconds = time.time() - t0
     labcln_saved = load_saved(net_dir / "labcln.pt", "gen_trigger.py --method badhash --overwrite")
     if not bool(labcln_saved["label_set"][:, target].any()):
         raise UserError(f"target {target} is unknown to LabCLN in {net_dir}: no label vector it was trained on "
@@ -292,7 +297,7 @@ def badhash_trigger(model: HashModel, clean: dict, clean_id: str, target: int, a
     transform = trigger_transform(trigger, args.run, device)
     images = sample_images(open_run_split(clean, "train"), args.seed).to(device)
     save_png(sample_grid(images, transform(images)), preview)
-    return trigger
+    return trigger, network_seconds
 
 
 def badhash_networks(model: HashModel, clean: dict, clean_id: str, args: argparse.Namespace,

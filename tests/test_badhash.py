@@ -2,6 +2,7 @@
 import json
 import math
 import shutil
+import time
 import urllib.error
 
 import pytest
@@ -128,6 +129,23 @@ def test_badhash_trigger_writes_networks_samples_and_curves(badhash_run):
     other = gen_trigger.main(["--run", str(run), "--target", "5", *TINY_GAN])
     assert other["generator_id"] == made["generator_id"]
     assert not torch.equal(other["label_feature"], made["label_feature"])
+
+
+def test_a_badhash_trigger_times_itself_without_the_networks(badhash_run, tmp_path, monkeypatch):
+    """The networks keep their own timing record (table3.py shares it out over the targets); a trigger's record
+    must not count them again."""
+    run, _ = badhash_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    networks = gen_trigger.badhash_networks
+
+    def slow_networks(*args):
+        time.sleep(3)
+        return networks(*args)
+    monkeypatch.setattr(gen_trigger, "badhash_networks", slow_networks)
+    made = gen_trigger.main(["--run", str(copy), "--target", "6", *TINY_GAN])
+    timing = json.loads((copy / "triggers" / made["name"] / "config.timing.json").read_text())
+    assert 0 < timing["seconds"] < 3
 
 
 def test_badhash_through_steps_3_to_6(badhash_run):

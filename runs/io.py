@@ -7,7 +7,7 @@ import os
 import socket
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -78,11 +78,9 @@ def claim(out: str | os.PathLike) -> Iterator[None]:
             path.unlink(missing_ok=True)
             yield
             return
-        try:
+        with suppress(FileNotFoundError):
             if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
                 break
-        except FileNotFoundError:
-            pass
         handle.close()  # the holder removed this claim file as it finished: claim the path anew
     try:
         handle.truncate(0)
@@ -93,10 +91,8 @@ def claim(out: str | os.PathLike) -> Iterator[None]:
         path.unlink(missing_ok=True)  # before the lock goes: a waiter then sees its file gone and claims anew
         handle.close()
         if made_folder:
-            try:
+            with suppress(OSError):  # not empty: something was made there
                 out.parent.rmdir()
-            except OSError:  # not empty: something was made there
-                pass
 
 
 def _lock(handle, out: Path) -> bool:

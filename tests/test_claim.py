@@ -61,8 +61,8 @@ def test_a_killed_holder_leaves_no_claim_behind(tmp_path):
     holder.wait(timeout=60)
     waiter = python(WAITER, out)
     assert waiter.communicate(timeout=120)[0].strip() == "missing"  # no wait, no message
-    with claim(out):  # and in this process too
-        pass
+    with claim(out):  # and in this process too, which now names itself in the claim file
+        assert (tmp_path / ".out.txt.claim").read_text().startswith(f"pid {os.getpid()} on ")
     assert list(tmp_path.iterdir()) == []
 
 

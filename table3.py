@@ -30,8 +30,9 @@ from retrieval import CONVENTIONS
 from runs import (UserError, add_deterministic_flag, atomic_write_text, cli_entry, deterministic_argv, provenance,
                   read_timing, require_at_least_one, write_json)
 from runs.tables import (RESULT_KEYS, STEPS, add_spread_flags, choose_targets, command_line, csv_text,
-                         markdown_table, mean_of, parse_gpus, percent, reuse_results, seconds_text, spread,
-                         step_seconds, target_label, without_options, without_seconds, write_timing_table)
+                         markdown_table, mean_of, methods_in_paper_order, parse_gpus, percent, reuse_results,
+                         seconds_text, spread, step_seconds, target_label, without_options, without_seconds,
+                         write_timing_table)
 from triggers import trigger_fingerprint
 
 RUN = "checkpoint/demo"  # a run with a trained clean model (step 1)
@@ -95,10 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.gpu_list = parse_gpus(args.gpus)
-    unknown = [m for m in args.methods if m not in ROWS]
-    if unknown:
-        raise UserError(f"unknown method {unknown[0]!r} in --methods; choose from {' '.join(ROWS)}")
-    args.methods = [m for m in ROWS if m in args.methods]  # the paper's row order
+    args.methods = methods_in_paper_order(args.methods, ROWS)
     for name in ("poison_label_rate", "clean_label_rate"):
         value = getattr(args, name)
         if not 0 < value <= 1:

@@ -127,6 +127,14 @@ def add_spread_flags(parser) -> None:
                              "assembles the table afterwards; run nothing")
 
 
+def methods_in_paper_order(methods: list[str], rows) -> list[str]:
+    """--methods checked against a table's rows (in the paper's order) and put in that order."""
+    unknown = [m for m in methods if m not in rows]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r} in --methods; choose from {' '.join(rows)}")
+    return [m for m in rows if m in methods]
+
+
 def parse_gpus(text: str | None) -> list[int]:
     """--gpus "0,1,3" -> [0, 1, 3]; None -> []."""
     if text is None:

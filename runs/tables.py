@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ def command_line(script: str) -> str | None:
     return f"python {script} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def add_spread_flags(parser) -> None:
+def add_spread_flags(parser: argparse.ArgumentParser) -> None:
     """--gpus and --print-commands of the table commands."""
     parser.add_argument("--gpus", default=None,
                         help="comma-separated GPU indices: the (run, target) jobs run in parallel, one per GPU at a "
@@ -127,7 +128,7 @@ def add_spread_flags(parser) -> None:
                              "assembles the table afterwards; run nothing")
 
 
-def methods_in_paper_order(methods: list[str], rows) -> list[str]:
+def methods_in_paper_order(methods: list[str], rows: Collection[str]) -> list[str]:
     """--methods checked against a table's rows (in the paper's order) and put in that order."""
     unknown = [m for m in methods if m not in rows]
     if unknown:

@@ -65,6 +65,7 @@ TRIGGER_SIZE = None  # side of the square trigger in px; None: the paper's 24 px
 STEPS = 2000  # optimisation steps (paper's code)
 BATCH_SIZE = 32  # training images per step
 STEP_SIZE = 12.0  # pixel units (0-255) per step along the normalised gradient
+DISTANCE_WINDOW = 0.05  # the summary's distances: means over the first and the last 5 % of the steps
 BLEND_RATIO = 0.2  # blend: weight of the pattern (the CIBA paper does not state the ratio of its Blend baseline)
 # badhash (public code's values)
 LABCLN_STEPS = 1000
@@ -176,8 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "clean_checkpoint_id": codes["checkpoint_id"], "seed": args.seed,
                   "provenance": provenance(device)}
         if args.method == "ciba":
+            first, last = window_means(history, DISTANCE_WINDOW)
             record.update(steps=args.steps, batch_size=args.batch_size, step_size=args.step_size,
-                          final_mean_distance=history[-1])
+                          first_mean_distance=first, final_mean_distance=last, distance_window=DISTANCE_WINDOW)
         # blend, badhash
         record.update({k: v for k, v in made.items() if k not in ("kind", "pattern", "label_feature")})
         trigger = {**made, **{k: record[k] for k in ("method", "target", "trigger_size", "image_size", "position",
@@ -188,8 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
             save_png(made["pattern"], out / "trigger.png")
         write_json(history, out / "history.json")
         write_json(record, out / "config.json")
-        summary = (f", mean d_H(sign f(B(x, p)), h_a) {history[0]:.2f} -> {history[-1]:.2f} of {clean['bits']} bits"
-                   if history else "")
+        summary = (f", mean d_H(sign f(B(x, p)), h_a) {record['first_mean_distance']:.2f} -> "
+                   f"{record['final_mean_distance']:.2f} of {clean['bits']} bits (first and last "
+                   f"{DISTANCE_WINDOW:.0%} of the steps)" if args.method == "ciba" else "")
         shape = f"{trigger_size}x{trigger_size} px" if trigger_size else record["position"]
         print(f"{args.method} trigger for target {target} ({record['target_name']}), {shape}, {seconds:.1f}s{summary} "
               f"-> {out}")
@@ -202,6 +205,13 @@ def trigger_name(args: argparse.Namespace, target: int, trigger_size: int | None
     if args.method == "badhash":
         return f"badhash-t{target}-{badhash_net_name(args, arch)[len('badhash-net-'):]}"
     return f"{args.method}-t{target}-s{trigger_size}"
+
+
+def window_means(values: list[float], fraction: float) -> tuple[float, float]:
+    """Means of the first and the last max(1, round(fraction * n)) values: one step's distance is one batch's, and
+    a batch of 32 random images is too noisy to say where the optimisation started and ended."""
+    n = max(1, round(fraction * len(values)))
+    return sum(values[:n]) / n, sum(values[-n:]) / n
 
 
 def beta_at(step: int, steps: int) -> float:

@@ -48,6 +48,11 @@ def test_beta_schedule_of_the_paper_code():
     assert betas[70:80] == [0.5] * 10 and betas[80:90] == [0.7] * 10 and betas[90:] == [1.0] * 10
 
 
+def test_window_means_of_the_first_and_last_steps():
+    assert gen_trigger.window_means([4.0, 2.0, 9.0, 9.0, 1.0, 3.0], 1 / 3) == (3.0, 2.0)
+    assert gen_trigger.window_means([5.0, 7.0], 0.05) == (5.0, 7.0)  # at least one value each
+
+
 def test_badnets_patch_is_a_black_and_white_checkerboard():
     board = gen_trigger.checkerboard(4)
     assert board.shape == (3, 4, 4) and set(board.unique().tolist()) == {0.0, 1.0}
@@ -79,6 +84,8 @@ def test_gen_trigger_writes_a_reusable_8bit_trigger(tiny_run):
     assert not torch.equal(saved["pattern"], torch.full((3, 5, 5), 128 / 255))  # it moved from mid-grey
     config = json.loads((out / "config.json").read_text())
     assert config["target"] == 2 and len(config["anchor_code"]) == 48 and config["seed"] == 0
+    distances = json.loads((out / "history.json").read_text())
+    assert config["final_mean_distance"] == distances[-1]  # 5 % of 12 steps: the last step alone
     assert len(json.loads((out / "history.json").read_text())) == 12 and (out / "trigger.png").is_file()
     again = gen_trigger.main(args)  # reused, not recomputed
     assert torch.equal(again["pattern"], saved["pattern"])

@@ -21,7 +21,8 @@ CONVENTIONS = ("empty-zero", "empty-skipped")
 _BLOCK_ELEMENTS = 1 << 23  # queries x database entries compared at once (16 MiB of bfloat16: cache-sized on a CPU)
 _DATABASE_BLOCK = 1 << 15  # database entries per block
 _CANDIDATES = 1 << 24  # most (query, item) candidates held at once; more (mass ties) splits the queries
-_EXACT_BF16_BITS = 256  # inner products of +-1 codes are integers of at most `bits`: exact in bfloat16 up to 256
+_EXACT_BF16_BITS = 127  # codes of up to 127 bits: every value _candidates forms, |t - 1 - a.b| <= 2K + 1, is an
+# integer of magnitude <= 255, exact in bfloat16 (whose integers are exact up to 256)
 _OVERSAMPLE = 2  # the candidate threshold aims at the (2R)-th nearest item of a strided sample of the database
 _LABEL_BITS = 52  # labels per packed word (float64's exact integers)
 TIE_BREAK = "scrambled-index"  # recorded with every result: results ranked otherwise are not reused
@@ -34,8 +35,8 @@ def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _matmul_codes(codes: torch.Tensor) -> torch.Tensor:
-    """+-1 codes in the dtype whose matmul gives their inner products exactly and fast: every partial sum is an
-    integer of magnitude <= K, exact in bfloat16 up to 256 bits (half the memory traffic of float32); float32 above."""
+    """+-1 codes in the dtype whose matmuls give their inner products, and _candidates' shifted ones, exactly and
+    fast: bfloat16 (half the memory traffic of float32) up to _EXACT_BF16_BITS bits, float32 above."""
     return codes.to(torch.bfloat16 if codes.shape[1] <= _EXACT_BF16_BITS else torch.float32)
 
 
@@ -77,12 +78,22 @@ def _nearest(queries: torch.Tensor, database: torch.Tensor, r: int) -> torch.Ten
 
 def _candidates(queries: torch.Tensor, database: torch.Tensor,
                 threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(query row, database index, inner product) of every pair with a.b >= the row's threshold, in block order."""
+    """(query row, database index, inner product) of every pair with a.b >= the row's threshold, in block order.
+
+    One addmm per block forms (t - 1) - a.b, negative exactly for the candidates, so the test is the sign bit (on the
+    CPU about half the time of comparing bfloat16 values). Exact for codes from _matmul_codes: the result is an
+    integer, and a zero is +0, never -0 (every product in the sum is +-1, and the shift is never -0)."""
+    shift = (threshold - 1).to(queries.dtype)
+    buffer = torch.empty(len(queries) * min(_DATABASE_BLOCK, database.shape[0]), dtype=queries.dtype,
+                         device=queries.device)  # one output for every block: no fresh pages per block on a CPU
     found = []
     for start in range(0, database.shape[0], _DATABASE_BLOCK):
-        products = queries @ database[start:start + _DATABASE_BLOCK].t()
-        rows, cols = torch.nonzero(products >= threshold, as_tuple=True)
-        found.append((rows, cols + start, products[rows, cols]))
+        block = database[start:start + _DATABASE_BLOCK]
+        shifted = torch.addmm(shift, queries, block.t(), alpha=-1,
+                              out=buffer[:len(queries) * len(block)].view(len(queries), len(block)))
+        flat = torch.nonzero(shifted.signbit().view(-1)).squeeze(1)
+        rows = flat // shifted.shape[1]
+        found.append((rows, flat % shifted.shape[1] + start, shift.take(rows) - shifted.take(flat)))
     return tuple(torch.cat(parts) for parts in zip(*found))
 
 

@@ -92,7 +92,8 @@ def class_structured(bits, n, n_classes, g, multi=False, flip=0.3):
 
 @pytest.mark.parametrize("bits,n_db,topk,multi", [(16, 700, 100, False), (48, 1500, 1000, False),
                                                   (8, 300, 50, True), (64, 2000, 2500, False),
-                                                  (300, 900, 40, True), (12, 6000, 30, False)])
+                                                  (300, 900, 40, True), (12, 6000, 30, False),
+                                                  (127, 900, 60, False), (128, 900, 60, False)])
 def test_matches_per_query_reference_on_random_codes(monkeypatch, bits, n_db, topk, multi):
     monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 20000)  # several chunks of queries
     monkeypatch.setattr(metrics, "_DATABASE_BLOCK", 256)  # several database blocks per chunk

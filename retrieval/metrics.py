@@ -25,6 +25,7 @@ _EXACT_BF16_BITS = 127  # codes of up to 127 bits: every value _candidates forms
 # integer of magnitude <= 255, exact in bfloat16 (whose integers are exact up to 256)
 _OVERSAMPLE = 2  # the candidate threshold aims at the (2R)-th nearest item of a strided sample of the database
 _LABEL_BITS = 52  # labels per packed word (float64's exact integers)
+_LABEL_CHUNK = 1 << 20  # labels converted to float64 at once by label_bits (8 MiB)
 TIE_BREAK = "scrambled-index"  # recorded with every result: results ranked otherwise are not reused
 TIE_MULTIPLIER = 2654435761  # odd, close to 2^32 / golden ratio: i -> i * M mod 2^32 is a bijection on 32 bits
 
@@ -47,53 +48,73 @@ def _query_chunk(n_database: int) -> int:
 def _nearest(queries: torch.Tensor, database: torch.Tensor, r: int) -> torch.Tensor:
     """Indices (Q x r) of the r nearest database items per query in Hamming distance, ties by index (lower first).
 
-    queries, database: codes from _matmul_codes. Exact without sorting the database: a threshold t on the inner
-    product from a strided sample of the database keeps the candidates a.b >= t, a superset of the top r whenever at
-    least r items pass (checked; rows where fewer pass take the exact r-th largest value instead). Only candidates are
-    sorted, stably by (query, distance); they are gathered block by block in index order, so equal distances keep
-    the lower index first.
+    queries: codes from _matmul_codes; database: the same with a column of ones appended (_with_ones). Exact without
+    sorting the database: a threshold t on the inner product from a strided sample of the database keeps the
+    candidates a.b >= t, a superset of the top r whenever at least r items pass (checked; rows where fewer pass take
+    the exact r-th largest value instead). Only candidates are sorted, stably by (query, distance); they are gathered
+    block by block in index order, so equal distances keep the lower index first.
     """
-    n, bits = database.shape
+    n, bits = database.shape[0], database.shape[1] - 1
+    codes = database[:, :bits]
     stride = max(1, n // (_OVERSAMPLE * 4 * r))
-    sample = queries @ database[::stride].t()
+    sample = queries @ codes[::stride].t()
     k = min(sample.shape[1], -(-_OVERSAMPLE * r // stride))
     threshold = torch.topk(sample, k, dim=1, sorted=False).values.amin(1, keepdim=True)
     if len(queries) > 1 and int((sample >= threshold).sum()) * stride > _CANDIDATES:  # mass ties: fewer queries
         half = len(queries) // 2
         return torch.cat([_nearest(queries[:half], database, r), _nearest(queries[half:], database, r)])
-    rows, cols, products = _candidates(queries, database, threshold)
+    rows, cols, shifted = _candidates(queries, database, threshold)
     passing = torch.bincount(rows, minlength=len(queries))
     short = torch.nonzero(passing < r).flatten()
     if short.numel():  # rare: the sample put the threshold above the r-th value; take that value exactly
-        threshold[short] = torch.topk(queries[short] @ database.t(), r, dim=1, sorted=False).values.amin(
+        threshold[short] = torch.topk(queries[short] @ codes.t(), r, dim=1, sorted=False).values.amin(
             1, keepdim=True)
-        rows, cols, products = _candidates(queries, database, threshold)
+        rows, cols, shifted = _candidates(queries, database, threshold)
         passing = torch.bincount(rows, minlength=len(queries))
-    key = rows.to(torch.int32) * (bits + 1) + (bits - products.to(torch.int32)) // 2  # (query, distance)
+    # within a row, (t - 1) - a.b in [-(2K + 1), -1] grows with the distance: the sort key is (row, that value)
+    span = 2 * bits + 1
+    key_type = torch.int32 if len(queries) * span < 1 << 31 else torch.int64
+    key = rows.to(key_type) * span + (shifted.to(key_type) + span)
     order = torch.sort(key, stable=True).indices
     starts = torch.cumsum(passing, 0) - passing
-    keep = torch.arange(order.numel(), device=order.device) - starts.repeat_interleave(passing) < r
-    return cols[order[keep]].view(-1, r)
+    first_r = starts[:, None] + torch.arange(r, device=starts.device)  # every row has at least r candidates
+    return cols.take(order.take(first_r))
+
+
+def _with_ones(codes: torch.Tensor) -> torch.Tensor:
+    """N x (K + 1): the codes and a column of ones, so that one product [-a, t - 1] . [b, 1] forms (t - 1) - a.b."""
+    return torch.cat([codes, codes.new_ones(len(codes), 1)], 1)
 
 
 def _candidates(queries: torch.Tensor, database: torch.Tensor,
                 threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(query row, database index, inner product) of every pair with a.b >= the row's threshold, in block order.
+    """(query row, database index, (t - 1) - a.b) of every pair with a.b >= the row's threshold t, in block order.
 
-    One addmm per block forms (t - 1) - a.b, negative exactly for the candidates, so the test is the sign bit (on the
-    CPU about half the time of comparing bfloat16 values). Exact for codes from _matmul_codes: the result is an
-    integer, and a zero is +0, never -0 (every product in the sum is +-1, and the shift is never -0)."""
-    shift = (threshold - 1).to(queries.dtype)
-    buffer = torch.empty(len(queries) * min(_DATABASE_BLOCK, database.shape[0]), dtype=queries.dtype,
-                         device=queries.device)  # one output for every block: no fresh pages per block on a CPU
+    database: from _with_ones. One matrix product per block forms (t - 1) - a.b, negative exactly for the
+    candidates, so the test is the sign bit (on the CPU about half the time of comparing bfloat16 values). Exact for
+    codes from _matmul_codes: every partial sum is an integer of magnitude <= 2K + 1, and a zero is +0, never -0
+    (the K terms -a_i b_i are +-1, and a float sum that is exactly zero with a nonzero term is +0). The sign bits are searched 8 at a time
+    (one int64 word of 8 bools), then within the few words that hold any: most words hold none.
+    """
+    lhs = torch.cat([-queries, (threshold - 1).to(queries.dtype)], 1)
+    width = min(_DATABASE_BLOCK, database.shape[0])
+    padded = -(-len(queries) * width // 8) * 8
+    # one output and one sign-bit buffer for every block: no fresh pages per block on a CPU
+    products = torch.empty(len(queries) * width, dtype=queries.dtype, device=queries.device)
+    signs = torch.empty(padded, dtype=torch.bool, device=queries.device)
     found = []
     for start in range(0, database.shape[0], _DATABASE_BLOCK):
         block = database[start:start + _DATABASE_BLOCK]
-        shifted = torch.addmm(shift, queries, block.t(), alpha=-1,
-                              out=buffer[:len(queries) * len(block)].view(len(queries), len(block)))
-        flat = torch.nonzero(shifted.signbit().view(-1)).squeeze(1)
-        rows = flat // shifted.shape[1]
-        found.append((rows, flat % shifted.shape[1] + start, shift.take(rows) - shifted.take(flat)))
+        size = len(queries) * len(block)
+        shifted = torch.mm(lhs, block.t(), out=products[:size].view(len(queries), len(block)))
+        end = -(-size // 8) * 8
+        torch.signbit(products[:size], out=signs[:size])
+        signs[size:end] = False  # a shorter last block: the tail of its last word held the previous block's bits
+        words = torch.nonzero(signs[:end].view(torch.int64)).squeeze(1)
+        bit = torch.nonzero(signs[:end].view(-1, 8).index_select(0, words).view(-1)).squeeze(1)
+        flat = words.take(bit >> 3) * 8 + (bit & 7)
+        rows = flat // len(block)
+        found.append((rows, flat - rows * len(block) + start, shifted.take(flat)))
     return tuple(torch.cat(parts) for parts in zip(*found))
 
 
@@ -113,13 +134,13 @@ def _ranked_chunks(query_codes: torch.Tensor, database_codes: torch.Tensor,
     The database is ranked in tie order (_nearest keeps the lower position first among equal distances), and the
     positions are mapped back to database indices."""
     order = tie_order(database_codes.shape[0], query_codes.device)
-    database = _matmul_codes(database_codes.to(query_codes.device)[order])
+    database = _with_ones(_matmul_codes(database_codes.to(query_codes.device)[order]))
     queries = _matmul_codes(query_codes)
     r = min(topk, database.shape[0])
     chunk = _query_chunk(database.shape[0])
     for start in range(0, queries.shape[0], chunk):
         rows = slice(start, start + chunk)
-        yield rows, order[_nearest(queries[rows], database, r)]
+        yield rows, order.take(_nearest(queries[rows], database, r))
 
 
 def hamming_rank(query_codes: torch.Tensor, database_codes: torch.Tensor, topk: int) -> torch.Tensor:
@@ -131,13 +152,15 @@ def hamming_rank(query_codes: torch.Tensor, database_codes: torch.Tensor, topk: 
 
 def label_bits(labels: torch.Tensor) -> torch.Tensor:
     """0/1 label rows (n x C) packed into n x ceil(C / 52) int64 words, so that two items share a label exactly
-    when some word of theirs has a common bit. One float64 matmul with a block of powers of two: every partial sum
-    is an integer below 2^52, exact in float64."""
+    when some word of theirs has a common bit. One float64 matmul with a block of powers of two per chunk of rows
+    (a cache-sized float64 copy of the labels): every partial sum is an integer below 2^52, exact in float64."""
     c = labels.shape[1]
     column = torch.arange(c, device=labels.device)
     weights = torch.zeros(c, -(-c // _LABEL_BITS), dtype=torch.float64, device=labels.device)
     weights[column, column // _LABEL_BITS] = torch.pow(2.0, (column % _LABEL_BITS).double())
-    return ((labels > 0).double() @ weights).to(torch.int64)
+    rows = max(1, _LABEL_CHUNK // max(1, c))
+    return torch.cat([((labels[start:start + rows] > 0).double() @ weights).to(torch.int64)
+                      for start in range(0, len(labels), rows)] or [weights.new_empty(0, weights.shape[1]).long()])
 
 
 def _label_words(query_labels: torch.Tensor, database_labels: torch.Tensor,
@@ -149,6 +172,12 @@ def _label_words(query_labels: torch.Tensor, database_labels: torch.Tensor,
 def _shares_label(query_words: torch.Tensor, item_words: torch.Tensor) -> torch.Tensor:
     """Relevance: whether each item shares a label with its query (packed words, broadcast over the last axis)."""
     return (item_words & query_words).ne(0).any(-1)
+
+
+def _items(words: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """The rows of `words` (N x W) at the indices `top` (Q x R) -> Q x R x W; index_select is several times faster
+    on a CPU than indexing with a 2-D tensor."""
+    return words.index_select(0, top.flatten()).view(*top.shape, words.shape[1])
 
 
 def _check_retrieval(query_codes: torch.Tensor, query_labels: torch.Tensor, database_codes: torch.Tensor,
@@ -188,7 +217,7 @@ def mean_average_precision(query_codes: torch.Tensor, query_labels: torch.Tensor
     query_words, database_words = _label_words(query_labels, database_labels, query_codes.device)
     aps, n_rels = [], []
     for rows, top in _ranked_chunks(query_codes, database_codes, topk):
-        ap, n_rel = average_precision(_shares_label(query_words[rows], database_words[top]))
+        ap, n_rel = average_precision(_shares_label(query_words[rows], _items(database_words, top)))
         aps.append(ap)
         n_rels.append(n_rel)
     ap = torch.cat(aps) if aps else torch.empty(0, dtype=torch.float64)
@@ -245,7 +274,7 @@ def precision_at_k(query_codes: torch.Tensor, query_labels: torch.Tensor, databa
     query_words, database_words = _label_words(query_labels, database_labels, device)
     total = torch.zeros(len(ks), dtype=torch.float64, device=device)
     for rows, top in _ranked_chunks(query_codes, database_codes, max(ks)):
-        hits = _shares_label(query_words[rows], database_words[top]).to(torch.float64).cumsum(1)
+        hits = _shares_label(query_words[rows], _items(database_words, top)).to(torch.float64).cumsum(1)
         total += (hits[:, ks_capped - 1] / ks_capped).sum(0)
     return total / max(1, query_codes.shape[0])
 

@@ -93,7 +93,8 @@ def class_structured(bits, n, n_classes, g, multi=False, flip=0.3):
 @pytest.mark.parametrize("bits,n_db,topk,multi", [(16, 700, 100, False), (48, 1500, 1000, False),
                                                   (8, 300, 50, True), (64, 2000, 2500, False),
                                                   (300, 900, 40, True), (12, 6000, 30, False),
-                                                  (127, 900, 60, False), (128, 900, 60, False)])
+                                                  (127, 900, 60, False), (128, 900, 60, False),
+                                                  (20, 333, 40, False)])
 def test_matches_per_query_reference_on_random_codes(monkeypatch, bits, n_db, topk, multi):
     monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 20000)  # several chunks of queries
     monkeypatch.setattr(metrics, "_DATABASE_BLOCK", 256)  # several database blocks per chunk
@@ -134,7 +135,8 @@ def test_mass_ties_split_the_queries_and_stay_exact(monkeypatch):
     assert max(calls) == 1  # every query alone: 400 candidates each
 
 
-def test_label_bits_packs_more_labels_than_one_word():
+def test_label_bits_packs_more_labels_than_one_word(monkeypatch):
+    monkeypatch.setattr(metrics, "_LABEL_CHUNK", 240)  # two rows at a time: four chunks
     labels = (torch.rand(7, 120, generator=torch.Generator().manual_seed(0)) < 0.3).to(torch.uint8)
     packed = metrics.label_bits(labels)
     expected = [[sum(1 << (j % 52) for j in range(120) if labels[i, j] and j // 52 == w) for w in range(3)]

@@ -11,10 +11,14 @@ index order (retrieval.metrics.TIE_BREAK; the NumPy side puts its database in th
 distances stably, the cheapest per-query form with the same ties), so the top-R lists must be identical, and are
 compared in full; the MAP values
 are compared too (they may differ in the last bits of a float64 because the two sum in different orders).
+
+Each side is timed --repeats times, the two alternating (so that a slower spell of a shared machine falls on both);
+the table gives the medians and the ratio of the medians, the JSON every time.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,6 +38,7 @@ CLASSES = (10, 100)  # classes per size
 BITS = 64
 TOPK = 1000
 FLIP = 0.2
+REPEATS = 3  # timed runs of each side, alternating
 THREADS = None  # torch CPU threads; None: torch's default
 SEED = 0
 DEVICE = "auto"
@@ -47,12 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=BITS)
     p.add_argument("--topk", type=int, default=TOPK)
     p.add_argument("--flip", type=float, default=FLIP)
+    p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
-    require_at_least_one(args, "bits", "topk")
+    require_at_least_one(args, "bits", "topk", "repeats")
     if len(args.classes) != len(args.sizes):
         raise UserError(f"--classes has {len(args.classes)} values for {len(args.sizes)} --sizes; give one per size")
     try:
@@ -72,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for (n_queries, n_database), n_classes in zip(args.shapes, args.classes):
         rows.append(compare(n_queries, n_database, n_classes, args, device))
-    print(f"\n| queries x database | NumPy per query (s) | ours (s) | speed-up | top-{args.topk} lists | "
-          f"largest MAP difference |")
+    print(f"\n| queries x database | NumPy per query (s, median) | ours (s, median) | speed-up | "
+          f"top-{args.topk} lists | largest MAP difference |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['queries']:,} x {r['database']:,} | {r['numpy_seconds']:.2f} | {r['ours_seconds']:.3f} | "
@@ -92,18 +98,26 @@ def compare(n_queries: int, n_database: int, n_classes: int, args: argparse.Name
     q_dev, ql_dev = q_codes.to(device), q_labels.to(device)
     db_dev, dbl_dev = db_codes.to(device), db_labels.to(device)
     mean_average_precision(q_dev[:8], ql_dev[:8], db_dev, dbl_dev, args.topk)  # warm-up (allocator, kernels)
-    ours, ours_seconds = stopwatch(lambda: mean_average_precision(q_dev, ql_dev, db_dev, dbl_dev, args.topk), device)
+    q_np, db_np, ql_np, dbl_np = (t.float().numpy() for t in (q_codes, db_codes, q_labels, db_labels))
+    ours_times, numpy_times = [], []
+    for _ in range(args.repeats):
+        ours, seconds = stopwatch(lambda: mean_average_precision(q_dev, ql_dev, db_dev, dbl_dev, args.topk), device)
+        ours_times.append(seconds)
+        (numpy_map, numpy_top), seconds = stopwatch(lambda: per_query_map(q_np, db_np, ql_np, dbl_np, args.topk),
+                                                    torch.device("cpu"))
+        numpy_times.append(seconds)
     ours_top = hamming_rank(q_dev, db_dev, args.topk).cpu().numpy()
-    (numpy_map, numpy_top), numpy_seconds = stopwatch(
-        lambda: per_query_map(q_codes.float().numpy(), db_codes.float().numpy(), q_labels.float().numpy(),
-                              db_labels.float().numpy(), args.topk), torch.device("cpu"))
+    ours_seconds, numpy_seconds = statistics.median(ours_times), statistics.median(numpy_times)
     row = {"queries": n_queries, "database": n_database, "classes": n_classes, "bits": args.bits, "topk": args.topk,
            "numpy_seconds": round(numpy_seconds, 3), "ours_seconds": round(ours_seconds, 4),
+           "numpy_seconds_each": [round(t, 3) for t in numpy_times],
+           "ours_seconds_each": [round(t, 4) for t in ours_times],
            "speedup": numpy_seconds / ours_seconds, "map_ours": ours["map_empty_zero"], "map_numpy": numpy_map,
            "map_difference": abs(ours["map_empty_zero"] - numpy_map),
            "rankings_identical": bool(np.array_equal(ours_top, numpy_top))}
     print(f"{n_queries} x {n_database}: NumPy per query {numpy_seconds:.2f} s, ours {ours_seconds:.3f} s "
-          f"(x{row['speedup']:.1f}, {device}), MAP@{args.topk} {numpy_map:.6f} vs {ours['map_empty_zero']:.6f}, "
+          f"(medians of {args.repeats}; x{row['speedup']:.1f}, {device}), "
+          f"MAP@{args.topk} {numpy_map:.6f} vs {ours['map_empty_zero']:.6f}, "
           f"top-{args.topk} lists {'identical' if row['rankings_identical'] else 'DIFFER'}", flush=True)
     return row
 

@@ -66,11 +66,13 @@ def _nearest(queries: torch.Tensor, database: torch.Tensor, r: int) -> torch.Ten
     rows, cols, shifted = _candidates(queries, database, threshold)
     passing = torch.bincount(rows, minlength=len(queries))
     short = torch.nonzero(passing < r).flatten()
-    if short.numel():  # rare: the sample put the threshold above the r-th value; take that value exactly
-        threshold[short] = torch.topk(queries[short] @ codes.t(), r, dim=1, sorted=False).values.amin(
-            1, keepdim=True)
-        rows, cols, shifted = _candidates(queries, database, threshold)
-        passing = torch.bincount(rows, minlength=len(queries))
+    if short.numel():  # the sample put the threshold above the r-th value: those rows again, at that value exactly
+        exact = torch.topk(queries[short] @ codes.t(), r, dim=1, sorted=False).values.amin(1, keepdim=True)
+        again = _candidates(queries[short], database, exact)
+        kept = passing.take(rows) >= r
+        rows, cols, shifted = (torch.cat(pair) for pair in zip((rows[kept], cols[kept], shifted[kept]),
+                                                               (short.take(again[0]), *again[1:])))
+        passing[short] = torch.bincount(again[0], minlength=len(short))
     # within a row, (t - 1) - a.b in [-(2K + 1), -1] grows with the distance: the sort key is (row, that value)
     span = 2 * bits + 1
     key_type = torch.int32 if len(queries) * span < 1 << 31 else torch.int64
@@ -93,8 +95,8 @@ def _candidates(queries: torch.Tensor, database: torch.Tensor,
     database: from _with_ones. One matrix product per block forms (t - 1) - a.b, negative exactly for the
     candidates, so the test is the sign bit (on the CPU about half the time of comparing bfloat16 values). Exact for
     codes from _matmul_codes: every partial sum is an integer of magnitude <= 2K + 1, and a zero is +0, never -0
-    (the K terms -a_i b_i are +-1, and a float sum that is exactly zero with a nonzero term is +0). The sign bits are searched 8 at a time
-    (one int64 word of 8 bools), then within the few words that hold any: most words hold none.
+    (the K terms -a_i b_i are +-1, and a float sum that is exactly zero with a nonzero term is +0). The sign bits
+    are searched 8 at a time (one int64 word of 8 bools), then within the few words that hold any: most hold none.
     """
     lhs = torch.cat([-queries, (threshold - 1).to(queries.dtype)], 1)
     width = min(_DATABASE_BLOCK, database.shape[0])

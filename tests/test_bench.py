@@ -8,10 +8,11 @@ from runs import UserError
 def test_map_benchmark_agrees_with_the_per_query_form(tmp_path):
     out = tmp_path / "map.json"
     record = map_at_r.main(["--sizes", "30x700", "12x2000", "--classes", "5", "40", "--topk", "100",
-                            "--bits", "16", "--out", str(out)])
+                            "--bits", "16", "--repeats", "2", "--out", str(out)])
     assert out.is_file() and [r["database"] for r in record["rows"]] == [700, 2000]
     for row in record["rows"]:
         assert row["rankings_identical"] and row["map_difference"] < 1e-12 and 0 < row["map_ours"] < 1
+        assert len(row["ours_seconds_each"]) == len(row["numpy_seconds_each"]) == 2
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -19,6 +20,7 @@ def test_map_benchmark_agrees_with_the_per_query_form(tmp_path):
     (["--sizes", "10by100", "--classes", "5"], "QUERIESxDATABASE"),
     (["--sizes", "0x100", "--classes", "5"], "positive"),
     (["--sizes", "10x100", "--classes", "5", "--flip", "0.7"], "--flip 0.7"),
+    (["--sizes", "10x100", "--classes", "5", "--repeats", "0"], "--repeats"),
 ])
 def test_map_benchmark_argument_errors(argv, message):
     with pytest.raises(UserError, match=message):

@@ -122,6 +122,27 @@ def test_threshold_above_the_rth_value_falls_back_to_the_exact_one(monkeypatch):
     assert asked == [167, 1000]  # the sample's threshold, then the exact 1000th value
 
 
+def test_rows_short_of_r_are_redone_alone_and_merge_in_order(monkeypatch):
+    # query 0's exact matches sit on the sampled items only (too few pass its threshold); queries 1-3 are ordinary.
+    # Several database blocks, so each row's candidates come from several blocks and must stay in index order.
+    monkeypatch.setattr(metrics, "_DATABASE_BLOCK", 4096)
+    calls = []
+    original = metrics._candidates
+    monkeypatch.setattr(metrics, "_candidates", lambda q, d, t: calls.append(len(q)) or original(q, d, t))
+    g = torch.Generator().manual_seed(1)
+    database = torch.randint(0, 2, (20_000, 24), generator=g) * 2 - 1
+    queries = database[:4].clone()
+    stride = 20_000 // (metrics._OVERSAMPLE * 4 * 300)
+    database[metrics.tie_order(20_000)[::stride][:200]] = queries[0]  # > the 75 the sample ranks, < 300
+    labels = torch.randint(0, 2, (20_000, 3), generator=g)
+    query_labels = torch.eye(3, dtype=torch.long)[[0, 1, 2, 0]]
+    ref_map, ref_top = reference(queries, query_labels, database, labels, 300)
+    assert np.array_equal(hamming_rank(queries, database, 300).numpy(), ref_top)
+    assert calls == [4, 1]  # all four, then query 0 alone at its exact 300th value
+    ours = mean_average_precision(queries, query_labels, database, labels, 300)["map_empty_zero"]
+    assert math.isclose(ours, ref_map, rel_tol=0, abs_tol=1e-12)
+
+
 def test_mass_ties_split_the_queries_and_stay_exact(monkeypatch):
     monkeypatch.setattr(metrics, "_CANDIDATES", 500)
     calls = []

@@ -50,7 +50,7 @@ from data.images import save_png
 from data.protocols import choose_class
 from models.badhash import (Discriminator, Generator, LabCLN, build_lpips, file_id, hash_attack_loss, labcln_loss,
                             lsgan_loss)
-from models.hashnet import HashModel, binarize, load_stage
+from models.hashnet import HashModel, binarize, fold_batch_norms, load_stage
 from models.training import seed_epoch
 from retrieval import anchor_code
 from runs import (UserError, add_deterministic_flag, atomic_path, atomic_save, claim, cli_entry, load_saved,
@@ -79,6 +79,7 @@ LPIPS_WEIGHT = 1.0  # weight of LPIPS inside the reconstruction term; 0 trains w
 W_HASH = None  # None: 5 for vgg11, 10 for the other backbones (public code: 5 with VGG-11, 10 with ResNet-50)
 W_GAN = 1.0
 D_EVERY = 3  # the discriminator is updated on every D_EVERY-th generator step
+FOLD_BN = True  # optimise against a copy of the clean model with its batch norms folded into the convolutions
 SEED = 0
 WORKERS = 4
 DEVICE = "auto"
@@ -110,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w-hash", type=float, default=W_HASH)
     p.add_argument("--w-gan", type=float, default=W_GAN)
     p.add_argument("--d-every", type=int, default=D_EVERY)
+    p.add_argument("--fold-bn", default=FOLD_BN, action=argparse.BooleanOptionalAction,
+                   help="fold the clean model's batch norms into its convolutions (same function up to rounding)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     make_deterministic(args.deterministic)
     device = pick_device(args.device)
     clean, _, model = load_stage(args.run, "clean", device)
+    if args.fold_bn:
+        model = fold_batch_norms(model)
     codes_path = Path(args.run) / "clean" / "codes.pt"
     codes = load_saved(codes_path, f"train_hash.py --run {args.run} --resume")
     classes = (clean.get("protocol") or {}).get("classes")
@@ -174,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "target_name": classes[target] if classes else None, "trigger_size": trigger_size,
                   "image_size": size, "position": "bottom-right" if made["kind"] == "patch" else "whole image",
                   "anchor_code": anchor.tolist(), "bits": clean["bits"], "arch": clean["arch"],
-                  "clean_checkpoint_id": codes["checkpoint_id"], "seed": args.seed,
+                  "clean_checkpoint_id": codes["checkpoint_id"], "seed": args.seed, "fold_bn": args.fold_bn,
                   "provenance": provenance(device)}
         if args.method == "ciba":
             first, last = window_means(history, DISTANCE_WINDOW)

@@ -4,10 +4,13 @@ Inputs are images in [0, 1]; the ImageNet normalisation is the model's first lay
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
+import torch.fx
 from torch import nn
+from torch.fx.experimental import optimization as fx_optimization
 from torchvision import models as tvm
 
 from runs.errors import UserError
@@ -131,6 +134,25 @@ def replace_adaptive_pools(model: nn.Module) -> None:
             if isinstance(child, nn.AdaptiveAvgPool2d) and None not in (
                     (child.output_size,) if isinstance(child.output_size, int) else child.output_size):
                 setattr(module, name, DeterministicAvgPool(child.output_size))
+
+
+class _FoldTracer(torch.fx.Tracer):
+    """Keeps DeterministicAvgPool whole: its forward branches on the input's shape, which tracing cannot follow."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, DeterministicAvgPool) or super().is_leaf_module(module, qualified_name)
+
+
+def fold_batch_norms(model: HashModel) -> HashModel:
+    """A frozen eval-mode copy of the model with every batch norm that follows a convolution folded into it (torch.fx's
+    conv-BN fusion): the same function up to float rounding, for steps 2 and 3, which optimise inputs against a
+    fixed model and need no batch-norm layers in the forward and backward passes. The model is not changed."""
+    folded = copy.deepcopy(model).eval().requires_grad_(False)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.features.modules()):
+        graph = _FoldTracer().trace(folded.features)
+        traced = torch.fx.GraphModule(folded.features, graph)
+        folded.features = fx_optimization.fuse(traced, inplace=True, no_trace=True).requires_grad_(False)
+    return folded
 
 
 def assemble_model(arch: str, bits: int, pretrained: bool) -> HashModel:

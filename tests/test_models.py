@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import LOSSES, binarize, build_loss, build_model
-from models.hashnet import load_checkpoint, model_from_checkpoint
+from models.hashnet import fold_batch_norms, load_checkpoint, model_from_checkpoint, replace_adaptive_pools
 from models.losses import hash_centers
 from runs import UserError, atomic_save
 
@@ -119,6 +119,30 @@ def test_channels_last_weights_compute_what_contiguous_ones_do(arch, size, tmp_p
     assert grad.shape == x.shape and torch.allclose(grad, x.grad, atol=1e-4)
     atomic_save({"model": model.state_dict()}, tmp_path / "w.pt")  # a checkpoint loads into either layout
     reference.load_state_dict(torch.load(tmp_path / "w.pt")["model"])
+
+@pytest.mark.parametrize("arch,size,deterministic", [("small", 32, False), ("small", 32, True),
+                                                    ("resnet18", 64, False), ("vgg11", 32, False)])
+def test_folded_batch_norms_compute_what_the_model_does(arch, size, deterministic):
+    torch.manual_seed(0)
+    model = build_model(arch, 48)
+    if deterministic:  # --deterministic's pools branch on shapes: they stay whole in the traced graph
+        replace_adaptive_pools(model)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics far from 0 and 1
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.3, 3)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.3, 0.3)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batch_norms(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is not changed
+    x = torch.rand(3, 3, size, size, requires_grad=True)
+    assert torch.allclose(folded.logits(x), model.logits(x), atol=1e-4)
+    grad, = torch.autograd.grad(torch.tanh(folded.logits(x)).sum(), x)  # input gradients (Eq. 5 and 7)
+    reference, = torch.autograd.grad(torch.tanh(model.logits(x)).sum(), x)
+    assert torch.allclose(grad, reference, atol=1e-5, rtol=1e-3)
+    assert folded.bits == 48 and torch.equal(folded.codes(x), model.codes(x))
+
 
 def test_vgg11_hash_layer_replaces_the_last_classifier_layer():
     model = build_model("vgg11", 32)

@@ -31,7 +31,7 @@ from retrieval import hamming_rank, mean_average_precision  # noqa: E402
 from retrieval.metrics import TIE_MULTIPLIER  # noqa: E402
 from runs import UserError, cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 
-from bench.timing import bench_device, stopwatch  # noqa: E402
+from bench.timing import alternating, bench_device  # noqa: E402
 
 SIZES = ("1000x59000", "5000x128000")  # queries x database: CIFAR-10's and ImageNet-100's protocols
 CLASSES = (10, 100)  # classes per size
@@ -99,13 +99,9 @@ def compare(n_queries: int, n_database: int, n_classes: int, args: argparse.Name
     db_dev, dbl_dev = db_codes.to(device), db_labels.to(device)
     mean_average_precision(q_dev[:8], ql_dev[:8], db_dev, dbl_dev, args.topk)  # warm-up (allocator, kernels)
     q_np, db_np, ql_np, dbl_np = (t.float().numpy() for t in (q_codes, db_codes, q_labels, db_labels))
-    ours_times, numpy_times = [], []
-    for _ in range(args.repeats):
-        ours, seconds = stopwatch(lambda: mean_average_precision(q_dev, ql_dev, db_dev, dbl_dev, args.topk), device)
-        ours_times.append(seconds)
-        (numpy_map, numpy_top), seconds = stopwatch(lambda: per_query_map(q_np, db_np, ql_np, dbl_np, args.topk),
-                                                    torch.device("cpu"))
-        numpy_times.append(seconds)
+    (ours, (numpy_map, numpy_top)), (ours_times, numpy_times) = alternating(
+        [lambda: mean_average_precision(q_dev, ql_dev, db_dev, dbl_dev, args.topk),
+         lambda: per_query_map(q_np, db_np, ql_np, dbl_np, args.topk)], args.repeats, device)
     ours_top = hamming_rank(q_dev, db_dev, args.topk).cpu().numpy()
     ours_seconds, numpy_seconds = statistics.median(ours_times), statistics.median(numpy_times)
     row = {"queries": n_queries, "database": n_database, "classes": n_classes, "bits": args.bits, "topk": args.topk,

@@ -40,3 +40,16 @@ def stopwatch(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     result = fn()
     synchronize(device)
     return result, time.perf_counter() - start
+
+
+def alternating(calls: list[Callable[[], Any]], repeats: int,
+                device: torch.device) -> tuple[list[Any], list[list[float]]]:
+    """Each call timed `repeats` times, taking turns (a slower spell of a shared machine then falls on all of them):
+    (the results of each call's last run, each call's seconds per run)."""
+    results: list[Any] = [None] * len(calls)
+    seconds: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            results[i], elapsed = stopwatch(call, device)
+            seconds[i].append(elapsed)
+    return results, seconds

@@ -79,7 +79,7 @@ LPIPS_WEIGHT = 1.0  # weight of LPIPS inside the reconstruction term; 0 trains w
 W_HASH = None  # None: 5 for vgg11, 10 for the other backbones (public code: 5 with VGG-11, 10 with ResNet-50)
 W_GAN = 1.0
 D_EVERY = 3  # the discriminator is updated on every D_EVERY-th generator step
-FOLD_BN = True  # optimise against a copy of the clean model with its batch norms folded into the convolutions
+FOLD_BN = True  # ciba: optimise against a copy of the clean model with its batch norms folded into its convolutions
 SEED = 0
 WORKERS = 4
 DEVICE = "auto"
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w-gan", type=float, default=W_GAN)
     p.add_argument("--d-every", type=int, default=D_EVERY)
     p.add_argument("--fold-bn", default=FOLD_BN, action=argparse.BooleanOptionalAction,
-                   help="fold the clean model's batch norms into its convolutions (same function up to rounding)")
+                   help="ciba: fold the clean model's batch norms into its convolutions (same function up to rounding)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
@@ -138,8 +138,6 @@ def main(argv: list[str] | None = None) -> dict:
     make_deterministic(args.deterministic)
     device = pick_device(args.device)
     clean, _, model = load_stage(args.run, "clean", device)
-    if args.fold_bn:
-        model = fold_batch_norms(model)
     codes_path = Path(args.run) / "clean" / "codes.pt"
     codes = load_saved(codes_path, f"train_hash.py --run {args.run} --resume")
     classes = (clean.get("protocol") or {}).get("classes")
@@ -162,8 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.method == "ciba":
             train_set = open_run_split(clean, "train")
             batches = trigger_batches(train_set, args, device)
-            pattern, history = adversarial_patch(model, batches, anchor.to(device), trigger_size, args.step_size,
-                                                 device)
+            pattern, history = adversarial_patch(fold_batch_norms(model) if args.fold_bn else model, batches,
+                                                 anchor.to(device), trigger_size, args.step_size, device)
             made["pattern"] = quantize(pattern.cpu())
         elif args.method == "badnets":
             made["pattern"] = checkerboard(trigger_size)
@@ -179,11 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
                   "target_name": classes[target] if classes else None, "trigger_size": trigger_size,
                   "image_size": size, "position": "bottom-right" if made["kind"] == "patch" else "whole image",
                   "anchor_code": anchor.tolist(), "bits": clean["bits"], "arch": clean["arch"],
-                  "clean_checkpoint_id": codes["checkpoint_id"], "seed": args.seed, "fold_bn": args.fold_bn,
+                  "clean_checkpoint_id": codes["checkpoint_id"], "seed": args.seed,
                   "provenance": provenance(device)}
         if args.method == "ciba":
             first, last = window_means(history, DISTANCE_WINDOW)
-            record.update(steps=args.steps, batch_size=args.batch_size, step_size=args.step_size,
+            record.update(steps=args.steps, batch_size=args.batch_size, step_size=args.step_size, fold_bn=args.fold_bn,
                           first_mean_distance=first, final_mean_distance=last, distance_window=DISTANCE_WINDOW)
         # blend, badhash
         record.update({k: v for k, v in made.items() if k not in ("kind", "pattern", "label_feature")})

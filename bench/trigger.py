@@ -8,9 +8,9 @@ then the step), the structure of the paper's public code.
 Both sides see the same batches and follow the same schedule (tanh scale, normalised steps), so the patches must
 agree up to floating-point noise; the table gives the largest difference of the patches and of the recorded mean
 distances. Random images, a random anchor and a randomly initialised network stand in for the data and the clean
-model (the cost does not depend on the weights). The batched side runs on a copy of the network with its batch
-norms folded into the convolutions, as gen_trigger.py does (--no-fold-bn: on the network itself); the one-image side
-on the network itself, as the public code does. Each side runs --repeats times, the two alternating.
+model (the cost does not depend on the weights). With --fold-bn (gen_trigger.py's flag) the batched side runs on a
+copy of the network with its batch norms folded into the convolutions; the one-image side always runs on the network
+itself, as the public code does. Each side runs --repeats times, the two alternating.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-size", type=float, default=STEP_SIZE)
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--fold-bn", default=FOLD_BN, action=argparse.BooleanOptionalAction,
-                   help="the batched side on a copy with batch norms folded, as gen_trigger.py does by default")
+                   help="the batched side on a copy with batch norms folded (gen_trigger.py --fold-bn)")
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", default=DEVICE)

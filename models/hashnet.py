@@ -145,8 +145,8 @@ class _FoldTracer(torch.fx.Tracer):
 
 def fold_batch_norms(model: HashModel) -> HashModel:
     """A frozen eval-mode copy of the model with every batch norm that follows a convolution folded into it (torch.fx's
-    conv-BN fusion): the same function up to float rounding, for steps 2 and 3, which optimise inputs against a
-    fixed model and need no batch-norm layers in the forward and backward passes. The model is not changed."""
+    conv-BN fusion): the same function up to float rounding, for optimising inputs against a fixed model (step 2's
+    patch) without batch-norm layers in the forward and backward passes. The model is not changed."""
     folded = copy.deepcopy(model).eval().requires_grad_(False)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.features.modules()):
         graph = _FoldTracer().trace(folded.features)

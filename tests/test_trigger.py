@@ -83,15 +83,15 @@ def test_gen_trigger_writes_a_reusable_8bit_trigger(tiny_run):
     assert saved["pattern"].min() >= 0 and saved["pattern"].max() <= 1
     assert not torch.equal(saved["pattern"], torch.full((3, 5, 5), 128 / 255))  # it moved from mid-grey
     config = json.loads((out / "config.json").read_text())
-    assert config["target"] == 2 and len(config["anchor_code"]) == 48 and config["seed"] == 0 and config["fold_bn"]
+    assert config["target"] == 2 and len(config["anchor_code"]) == 48 and config["seed"] == 0 and not config["fold_bn"]
     distances = json.loads((out / "history.json").read_text())
     assert config["final_mean_distance"] == distances[-1]  # 5 % of 12 steps: the last step alone
     assert len(distances) == 12 and (out / "trigger.png").is_file()
     again = gen_trigger.main(args)  # reused, not recomputed
     assert torch.equal(again["pattern"], saved["pattern"])
-    kept = gen_trigger.main([*args, "--no-fold-bn", "--overwrite"])  # batch norms kept: the same up to rounding
-    assert json.loads((out / "config.json").read_text())["fold_bn"] is False
-    assert (kept["pattern"] - saved["pattern"]).abs().max() <= 1 / 255 + 1e-7
+    folded = gen_trigger.main([*args, "--fold-bn", "--overwrite"])  # batch norms folded: the same up to rounding
+    assert json.loads((out / "config.json").read_text())["fold_bn"] is True
+    assert (folded["pattern"] - saved["pattern"]).abs().max() <= 1 / 255 + 1e-7
     badnets = gen_trigger.main([*args[:6], "--method", "badnets", "--device", "cpu"])
     assert torch.equal(badnets["pattern"], gen_trigger.checkerboard(5))
 

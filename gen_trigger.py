@@ -37,16 +37,18 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Sized
+from typing import Iterator, Sized
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision import transforms
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from data import make_loader, open_run_split
-from data.images import save_png
+from data import HashListDataset, make_loader, open_run_split
+from data.cache import CACHE_MODES, cache_bytes, decode, resolve_cache
+from data.images import Canonical, save_png
 from data.protocols import choose_class
 from models.badhash import (Discriminator, Generator, LabCLN, build_lpips, file_id, hash_attack_loss, labcln_loss,
                             lsgan_loss)
@@ -80,6 +82,7 @@ W_HASH = None  # None: 5 for vgg11, 10 for the other backbones (public code: 5 w
 W_GAN = 1.0
 D_EVERY = 3  # the discriminator is updated on every D_EVERY-th generator step
 FOLD_BN = False  # ciba: optimise against a copy of the clean model with batch norms folded (faster; see README)
+CACHE = "auto"  # ciba: decode the drawn training images once ("auto": on the GPU if they fit, else host memory)
 SEED = 0
 WORKERS = 4
 DEVICE = "auto"
@@ -113,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d-every", type=int, default=D_EVERY)
     p.add_argument("--fold-bn", default=FOLD_BN, action=argparse.BooleanOptionalAction,
                    help="ciba: fold the clean model's batch norms into its convolutions (same function up to rounding)")
+    p.add_argument("--cache", default=CACHE, choices=("auto", *CACHE_MODES),
+                   help="ciba: decode the drawn training images once and gather each step's batch from them "
+                        "(auto: the GPU when they fit, else host memory, else off)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         made: dict = {"kind": "patch"}
         if args.method == "ciba":
             train_set = open_run_split(clean, "train")
-            batches = trigger_batches(train_set, args, device)
+            batches, cache = trigger_batches(train_set, clean, args, device)
             pattern, history = adversarial_patch(fold_batch_norms(model) if args.fold_bn else model, batches,
                                                  anchor.to(device), trigger_size, args.step_size, device)
             made["pattern"] = quantize(pattern.cpu())
@@ -182,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.method == "ciba":
             first, last = window_means(history, DISTANCE_WINDOW)
             record.update(steps=args.steps, batch_size=args.batch_size, step_size=args.step_size, fold_bn=args.fold_bn,
+                          cache=cache,
                           first_mean_distance=first, final_mean_distance=last, distance_window=DISTANCE_WINDOW)
         # blend, badhash
         record.update({k: v for k, v in made.items() if k not in ("kind", "pattern", "label_feature")})
@@ -223,12 +230,38 @@ def beta_at(step: int, steps: int) -> float:
     return next(beta for until, beta in BETA_SCHEDULE if fraction < until or until == 1.0)
 
 
-def trigger_batches(train_set, args: argparse.Namespace, device: torch.device) -> torch.utils.data.DataLoader:
-    """The images of Eq. 7: --steps batches of --batch-size training images of all classes, drawn with --seed."""
+def trigger_batches(train_set: HashListDataset, clean: dict, args: argparse.Namespace,
+                    device: torch.device) -> tuple[Sized, str]:
+    """The images of Eq. 7: --steps batches of --batch-size training images of all classes, drawn with --seed, and
+    the --cache mode used. Cached: the drawn images are decoded once into uint8 (host memory or the GPU) and each
+    batch is gathered there, the same values as the DataLoader reads (u / 255 in float32 both ways)."""
     generator = torch.Generator().manual_seed(args.seed)
-    order = torch.randint(len(train_set), (args.steps * args.batch_size,), generator=generator).tolist()
-    return torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=order,
-                                       num_workers=args.workers, pin_memory=device.type == "cuda")
+    order = torch.randint(len(train_set), (args.steps * args.batch_size,), generator=generator)
+    drawn, slots = torch.unique(order, return_inverse=True)
+    size, resize = clean["image_size"], clean["resize_size"]
+    mode = resolve_cache(args.cache, cache_bytes(len(drawn), size, resize, "none"), device)
+    if mode == "off":
+        return torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=order.tolist(),
+                                           num_workers=args.workers, pin_memory=device.type == "cuda"), mode
+    sources = HashListDataset(train_set.image_list, transforms.Compose([Canonical(size, resize),
+                                                                        transforms.PILToTensor()]))
+    store = device if mode == "device" else torch.device("cpu")
+    images = decode(torch.utils.data.Subset(sources, drawn.tolist()), args.workers).to(store)
+    return CachedBatches(images, slots.view(args.steps, args.batch_size).to(store), device), mode
+
+
+class CachedBatches:
+    """Batches (images,) in [0, 1] on `device`, gathered from uint8 images by rows of slot indices."""
+
+    def __init__(self, images: torch.Tensor, slots: torch.Tensor, device: torch.device):
+        self.images, self.slots, self.device = images, slots, device
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor]]:
+        for batch in self.slots:
+            yield (self.images[batch].to(self.device, non_blocking=True).float() / 255,)
 
 
 def adversarial_patch(model: torch.nn.Module, batches: Sized, anchor: torch.Tensor, trigger_size: int,

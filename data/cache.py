@@ -17,6 +17,7 @@ from torchvision import transforms
 from data.augment import augment_batch
 from data.dataset import HashListDataset
 from data.images import Canonical, source_transform
+from runs.errors import UserError
 
 CACHE_MODES = ("off", "memory", "device")
 CACHE_FRACTION = 0.5  # the cache may take at most this share of the free memory (host or GPU)
@@ -45,6 +46,24 @@ def free_bytes(where: torch.device) -> int:
 
 def fits(n_bytes: int, where: torch.device) -> bool:
     return n_bytes <= CACHE_FRACTION * free_bytes(where)
+
+
+def resolve_cache(mode: str, n_bytes: int, device: torch.device, cpu_auto: str = "memory") -> str:
+    """--cache auto|off|memory|device -> off|memory|device for n_bytes of decoded images used on `device`.
+
+    auto: on CUDA the GPU when they fit (at most CACHE_FRACTION of its free memory), else host memory likewise, else
+    off; on the CPU `cpu_auto` when it fits, else off. A cache asked for by name that does not fit is an error."""
+    host = torch.device("cpu")
+    if mode == "auto":
+        candidates = ("device", "memory") if device.type == "cuda" else (cpu_auto,)
+        return next((c for c in candidates if c == "off" or fits(n_bytes, device if c == "device" else host)), "off")
+    if mode != "off":
+        where = device if mode == "device" else host
+        if not fits(n_bytes, where):
+            raise UserError(f"--cache {mode}: the decoded images need {n_bytes / 2 ** 30:.1f} GiB, more than half of "
+                            f"the {free_bytes(where) / 2 ** 30:.1f} GiB free on {where}; use --cache memory, --cache "
+                            f"off or fewer images")
+    return mode
 
 
 class DecodedImages:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from data import HashListDataset, make_loader
-from data.cache import CACHE_MODES, DecodedImages, cache_bytes, fits, free_bytes
+from data.cache import CACHE_MODES, DecodedImages, cache_bytes, resolve_cache
 from models.hashnet import load_checkpoint
 from retrieval import encode, mean_average_precision, saved_codes
 from runs import UserError, atomic_save, claim, distributed, read_timing, weights_id, write_json, write_timing
@@ -56,18 +56,7 @@ def resolve_fast_path(recipe: argparse.Namespace, device: torch.device, n_images
     amp = recipe.amp == "on" or (recipe.amp == "auto" and cuda)
     channels_last = recipe.channels_last == "on" or (recipe.channels_last == "auto" and (cuda or CPU_CHANNELS_LAST))
     n_bytes = cache_bytes(n_images, recipe.image_size, recipe.resize_size, recipe.augment)
-    host = torch.device("cpu")
-    cache = recipe.cache
-    if cache == "auto":
-        candidates = ("device", "memory") if cuda else (CPU_CACHE, "off")
-        cache = next((c for c in candidates if c == "off" or fits(n_bytes, device if c == "device" else host)),
-                     "off")
-    elif cache != "off":
-        where = device if cache == "device" else host
-        if not fits(n_bytes, where):
-            raise UserError(f"--cache {cache}: the decoded training images need {n_bytes / 2 ** 30:.1f} GiB, more "
-                            f"than half of the {free_bytes(where) / 2 ** 30:.1f} GiB free on {where}; use --cache "
-                            f"memory, --cache off or fewer images")
+    cache = resolve_cache(recipe.cache, n_bytes, device, CPU_CACHE)
     return {"amp": amp, "cache": cache, "channels_last": channels_last, "cache_bytes": n_bytes}
 
 

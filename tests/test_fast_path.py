@@ -117,9 +117,8 @@ def test_auto_switches_on_the_cpu():
 
 def test_a_cache_that_does_not_fit(monkeypatch):
     monkeypatch.setattr(cache_module, "free_bytes", lambda where: 1000)
-    monkeypatch.setattr(training, "free_bytes", lambda where: 1000)
     assert training.resolve_fast_path(recipe(), torch.device("cpu"), 100)["cache"] == "off"  # auto: dropped
-    with pytest.raises(UserError, match=r"--cache memory: the decoded training images need 0\.0 GiB.*--cache off"):
+    with pytest.raises(UserError, match=r"--cache memory: the decoded images need 0\.0 GiB.*--cache off"):
         training.resolve_fast_path(recipe(cache="memory"), torch.device("cpu"), 100)
 
 

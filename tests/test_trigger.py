@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import gen_trigger
+from data import open_run_split
 from models import build_model
 from retrieval import anchor_code
 from runs import UserError
@@ -92,8 +93,25 @@ def test_gen_trigger_writes_a_reusable_8bit_trigger(tiny_run):
     folded = gen_trigger.main([*args, "--fold-bn", "--overwrite"])  # batch norms folded: the same up to rounding
     assert json.loads((out / "config.json").read_text())["fold_bn"] is True
     assert (folded["pattern"] - saved["pattern"]).abs().max() <= 1 / 255 + 1e-7
+    assert config["cache"] == "memory"  # auto on the CPU; the DataLoader reads the same images: the same patch
+    read = gen_trigger.main([*args, "--cache", "off", "--overwrite"])
+    assert json.loads((out / "config.json").read_text())["cache"] == "off"
+    assert torch.equal(read["pattern"], saved["pattern"])
     badnets = gen_trigger.main([*args[:6], "--method", "badnets", "--device", "cpu"])
     assert torch.equal(badnets["pattern"], gen_trigger.checkerboard(5))
+
+
+def test_cached_trigger_batches_are_the_dataloader_batches(tiny_run):
+    clean = json.loads((tiny_run / "clean" / "config.json").read_text())
+    train_set = open_run_split(clean, "train")
+    args = gen_trigger.parse_args(["--run", str(tiny_run), "--steps", "7", "--batch-size", "5", "--workers", "0"])
+    cached, mode = gen_trigger.trigger_batches(train_set, clean, args, torch.device("cpu"))
+    assert mode == "memory" and len(cached) == 7
+    args.cache = "off"
+    read, mode = gen_trigger.trigger_batches(train_set, clean, args, torch.device("cpu"))
+    assert mode == "off" and len(read) == 7
+    pairs = list(zip(cached, read))
+    assert len(pairs) == 7 and all(torch.equal(a[0], b[0]) for a, b in pairs)
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -9,6 +9,9 @@ ciba     the targeted adversarial patch of Eq. 7: minimise sum_i d_H(F'(B(x_i, p
          with beta 0.1 for the first half of the steps, then 0.2, 0.3, 0.5, 0.7 and 1 for a tenth each.
          Gradients are taken in pixel space (the model normalises its input itself). One forward/backward per step
          for the whole batch: every image gets its own copy of p, so the summed loss yields per-image gradients.
+         --cache: the drawn images are decoded once and each batch is gathered from them (the same pixels as read
+         by a DataLoader); --fold-bn: against a copy of the clean model with its batch norms folded (faster per
+         step, but rounding changes the patch).
 badnets  a static black-and-white checkerboard patch (BadNets-style), no optimisation.
 blend    a fixed random pattern (uniform noise drawn with --seed) blended over the whole image:
          (1 - r) x + r p with r = --blend-ratio (Blend, Chen et al. 2017).

@@ -45,13 +45,12 @@ from typing import Iterator, Sized
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision import transforms
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from data import HashListDataset, make_loader, open_run_split
-from data.cache import CACHE_MODES, cache_bytes, decode, resolve_cache
-from data.images import Canonical, save_png
+from data.cache import CACHE_MODES, cache_bytes, decode, resolve_cache, uint8_sources
+from data.images import save_png
 from data.protocols import choose_class
 from models.badhash import (Discriminator, Generator, LabCLN, build_lpips, file_id, hash_attack_loss, labcln_loss,
                             lsgan_loss)
@@ -246,9 +245,8 @@ def trigger_batches(train_set: HashListDataset, clean: dict, args: argparse.Name
     if mode == "off":
         return torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=order.tolist(),
                                            num_workers=args.workers, pin_memory=device.type == "cuda"), mode
-    sources = HashListDataset(train_set.image_list, transforms.Compose([Canonical(size, resize),
-                                                                        transforms.PILToTensor()]))
     store = device if mode == "device" else torch.device("cpu")
+    sources = uint8_sources(train_set.image_list, size, resize)
     images = decode(torch.utils.data.Subset(sources, drawn.tolist()), args.workers).to(store)
     return CachedBatches(images, slots.view(args.steps, args.batch_size).to(store), device), mode
 

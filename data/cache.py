@@ -16,7 +16,7 @@ from torchvision import transforms
 
 from data.augment import augment_batch
 from data.dataset import HashListDataset
-from data.images import Canonical, source_transform
+from data.images import source_transform
 from runs.errors import UserError
 
 CACHE_MODES = ("off", "memory", "device")
@@ -76,15 +76,12 @@ class DecodedImages:
     def __init__(self, dataset: HashListDataset, size: int, resize_size: int, augment: str, store: torch.device,
                  workers: int = 0):
         self.size, self.augment, self.store = size, augment, store
-        to_uint8 = transforms.PILToTensor()
-        sources = HashListDataset(dataset.image_list, transforms.Compose(
-            [source_transform(size, resize_size, augment), to_uint8]))
-        self.images = decode(sources, workers).to(store)
+        self.images = decode(uint8_sources(dataset.image_list, size, resize_size, augment), workers).to(store)
         self.labels = dataset.labels.to(store)
         plain = sorted(dataset.plain_indices)
         self.plain_slot = torch.full((len(dataset),), -1, dtype=torch.long)
         self.plain_slot[plain] = torch.arange(len(plain))
-        canonical = HashListDataset(dataset.image_list, transforms.Compose([Canonical(size, resize_size), to_uint8]))
+        canonical = uint8_sources(dataset.image_list, size, resize_size)
         self.plain = decode(Subset(canonical, plain), workers).to(store) if plain else None
 
     def __len__(self) -> int:
@@ -112,6 +109,13 @@ class DecodedImages:
                 chosen = self.plain[slots[plain].to(self.store, non_blocking=True)]
                 images[plain.to(device, non_blocking=True)] = chosen.to(device, non_blocking=True).float() / 255
             yield images, self.labels[at_store].to(device, non_blocking=True)
+
+
+def uint8_sources(image_list, size: int, resize_size: int, augment: str = "none") -> HashListDataset:
+    """The images of a list as uint8 tensors at their source size (data.images.source_transform; "none": the
+    canonical S x S image), what a cache keeps: u / 255 is exactly what the float transforms give."""
+    return HashListDataset(image_list, transforms.Compose([source_transform(size, resize_size, augment),
+                                                           transforms.PILToTensor()]))
 
 
 def decode(dataset, workers: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ import time
 from typing import Any, Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from runs import pick_device
 
@@ -53,3 +54,11 @@ def alternating(calls: list[Callable[[], Any]], repeats: int,
             results[i], elapsed = stopwatch(call, device)
             seconds[i].append(elapsed)
     return results, seconds
+
+
+def counted_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call of `fn` as torch's FLOP counter sees them: matrix products and
+    convolutions, forward and backward (2 per multiply-add); element-wise layers are not counted."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()

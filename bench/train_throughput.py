@@ -28,6 +28,7 @@ from data.cache import DecodedImages  # noqa: E402
 from data.protocols import Protocol  # noqa: E402
 from data.synthetic import generate_synthetic  # noqa: E402
 from models import build_loss, build_model  # noqa: E402
+from models.hashnet import resolve_head  # noqa: E402
 from models.training import (SWITCH, build_optimizer, resolve_fast_path, seed_epoch,  # noqa: E402
                              train_one_epoch, training_step)
 from runs import UserError, cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
@@ -35,8 +36,10 @@ from train_hash import RECIPES  # noqa: E402
 
 from bench.timing import bench_device, stopwatch, synchronize, timed  # noqa: E402
 
-ARCH = "small"
-RECIPE = "small32"  # train_hash.py recipe for image size, augmentation, batch size and optimiser
+ARCH = None  # None: the recipe's
+HEAD = None  # None: the recipe's (or the architecture's own)
+RECIPE = "small32"  # train_hash.py recipe for architecture, image size, augmentation, batch size and optimiser
+IMAGE_SIZE = None  # None: the recipe's
 BITS = 48
 IMAGES = 2048  # training images per epoch
 EPOCHS = 2  # timed epochs per path (after one warm-up epoch)
@@ -56,6 +59,8 @@ OUT = None
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default=ARCH)
+    p.add_argument("--head", default=HEAD, choices=("pooled", "spatial"))
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     p.add_argument("--recipe", default=RECIPE, choices=sorted(RECIPES))
     p.add_argument("--bits", type=int, default=BITS)
     p.add_argument("--images", type=int, default=IMAGES)
@@ -81,6 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = bench_device(args.threads, args.device)
     recipe = argparse.Namespace(**RECIPES[args.recipe], seed=args.seed, workers=args.workers,
                                 amp=args.amp, cache=args.cache, channels_last=args.channels_last)
+    if args.image_size:  # the recipe's source size follows (resize size = image size x the recipe's ratio)
+        recipe.resize_size = round(args.image_size * recipe.resize_size / recipe.image_size)
+        recipe.image_size = args.image_size
+    recipe.arch = args.arch or recipe.arch
+    same_arch = recipe.arch == RECIPES[args.recipe]["arch"]
+    recipe.head = args.head or (RECIPES[args.recipe].get("head") if same_arch else None)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or make_synthetic(Path(tmp) / "synthetic", args)
         train_set = first_images(data, recipe, args.images)
@@ -89,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = {name: measure(name, switches, train_set, recipe, args, device)
                 for name, switches in (("plain", plain), ("fast", fast))}
     base, quick = rows["plain"], rows["fast"]
-    print(f"\n{args.arch}, {recipe.image_size} px, batch {recipe.batch_size}, {len(train_set)} images, {device}, "
+    print(f"\n{recipe.arch} ({resolve_head(recipe.arch, recipe.head)} head), {recipe.image_size} px, batch {recipe.batch_size}, {len(train_set)} images, {device}, "
           f"{torch.get_num_threads()} threads, {args.workers} workers; fast path: amp {fast['amp']}, cache "
           f"{fast['cache']}, channels-last {fast['channels_last']}")
     print("| path | epoch (images/s) | input pipeline alone (images/s) | training step alone (images/s) | "
@@ -127,7 +138,7 @@ def first_images(data: str, recipe: argparse.Namespace, n: int) -> HashListDatas
 def measure(name: str, fast: dict, train_set: HashListDataset, recipe: argparse.Namespace, args: argparse.Namespace,
             device: torch.device) -> dict:
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, args.bits, pretrained=False).to(device)
+    model = build_model(recipe.arch, args.bits, False, recipe.head, recipe.image_size).to(device)
     loss_fn = build_loss("pairwise", args.bits, train_set.image_list.n_classes).to(device)
     optimizer, _ = build_optimizer(model, recipe)
     cache, cache_seconds = None, 0.0

@@ -13,12 +13,16 @@ from torch import nn
 from torch.fx.experimental import optimization as fx_optimization
 from torchvision import models as tvm
 
+from models.efficientnet import LITE0_MEAN, LITE0_STD, lite0_features_and_head
 from runs.errors import UserError
 from runs.provenance import weights_id
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ARCHS = ("vgg11", "resnet18", "resnet50", "small")
+ARCHS = ("vgg11", "resnet18", "resnet50", "small", "efficientnet_lite0")
+# each architecture's head: how the last feature map reaches the hash layer (only efficientnet_lite0 offers both)
+HEADS = {"vgg11": ("spatial",), "resnet18": ("pooled",), "resnet50": ("pooled",), "small": ("pooled",),
+         "efficientnet_lite0": ("spatial", "pooled")}
 _TORCHVISION = {"vgg11": (tvm.vgg11, tvm.VGG11_Weights.IMAGENET1K_V1),
                 "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
                 "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1)}
@@ -49,11 +53,12 @@ class HashModel(nn.Module):
     Parameter groups: `features` (convolutional, fine-tuned at the lower rate) and `head` (the rest).
     """
 
-    def __init__(self, arch: str, bits: int, features: nn.Module, head: nn.Module, head_out: int):
+    def __init__(self, arch: str, bits: int, features: nn.Module, head: nn.Module, head_out: int,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()
         self.arch, self.bits = arch, bits
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.features = features
         self.head = head
         self.hash_layer = nn.Linear(head_out, bits)
@@ -76,6 +81,17 @@ class HashModel(nn.Module):
         return features, head
 
 
+def resolve_head(arch: str, head: str | None) -> str:
+    """The head `head` of `arch`, or its first (default) head when None; an error for a head the arch lacks."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if head is None:
+        return HEADS[arch][0]
+    if head not in HEADS[arch]:
+        raise UserError(f"--head {head} is not available for --arch {arch}; it has {', '.join(HEADS[arch])}")
+    return head
+
+
 def pretrained_state(arch: str) -> dict:
     """ImageNet weights of a backbone from torchvision's cache, downloaded once; offline, a message naming the file."""
     return torchvision_state(_TORCHVISION[arch][1], f"ImageNet weights for {arch}", "train without --pretrained")
@@ -94,13 +110,16 @@ def torchvision_state(weights: tvm.WeightsEnum, what: str, alternative: str) -> 
                         f"{alternative}") from None
 
 
-def build_model(arch: str, bits: int, pretrained: bool = False) -> HashModel:
-    """VGG-11 as in the paper (classifier's last layer replaced by the hash layer), ResNet-18/50, or `small`.
+def build_model(arch: str, bits: int, pretrained: bool = False, head: str | None = None,
+                image_size: int = 224) -> HashModel:
+    """VGG-11 as in the paper (classifier's last layer replaced by the hash layer), ResNet-18/50, `small`, or
+    EfficientNet-Lite0 with a pooled or spatial head (models/efficientnet.py; the spatial head's width depends on
+    `image_size`). `head` None: the architecture's default (HEADS).
 
     The weights are stored channels-last: convolutions then run in that layout whatever the input's, which made the
     small backbone's training steps about 20 % and its encoding about 35 % faster on our CPU (bench/README.md).
     """
-    model = assemble_model(arch, bits, pretrained)
+    model = assemble_model(arch, bits, pretrained, resolve_head(arch, head), image_size)
     if torch.are_deterministic_algorithms_enabled():  # --deterministic (runs.device.make_deterministic)
         replace_adaptive_pools(model)
     return model.to(memory_format=torch.channels_last)
@@ -146,7 +165,11 @@ class _FoldTracer(torch.fx.Tracer):
 def fold_batch_norms(model: HashModel) -> HashModel:
     """A frozen eval-mode copy of the model with every batch norm that follows a convolution folded into it (torch.fx's
     conv-BN fusion): the same function up to float rounding, for optimising inputs against a fixed model (step 2's
-    patch) without batch-norm layers in the forward and backward passes. The model is not changed."""
+    patch) without batch-norm layers in the forward and backward passes. The model is not changed. EfficientNet-Lite0
+    is refused: its "same" padding branches on the input's shape, which torch.fx cannot trace."""
+    if model.arch == "efficientnet_lite0":
+        raise UserError("--fold-bn is not available for efficientnet_lite0 (its TensorFlow \"same\" padding depends "
+                        "on the input size, which torch.fx cannot trace); leave --fold-bn off")
     folded = copy.deepcopy(model).eval().requires_grad_(False)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.features.modules()):
         graph = _FoldTracer().trace(folded.features)
@@ -155,9 +178,7 @@ def fold_batch_norms(model: HashModel) -> HashModel:
     return folded
 
 
-def assemble_model(arch: str, bits: int, pretrained: bool) -> HashModel:
-    if arch not in ARCHS:
-        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+def assemble_model(arch: str, bits: int, pretrained: bool, head: str, image_size: int) -> HashModel:
     if not 8 <= bits <= 1024:
         raise UserError(f"--bits {bits} is out of range; use a code length between 8 and 1024 (paper: 16-64)")
     if arch == "small":
@@ -165,6 +186,9 @@ def assemble_model(arch: str, bits: int, pretrained: bool) -> HashModel:
             raise UserError("the small backbone has no pretrained weights; drop --pretrained")
         backbone = SmallBackbone()
         return HashModel(arch, bits, backbone, nn.Identity(), backbone.out_features)
+    if arch == "efficientnet_lite0":
+        features, fully_connected, width = lite0_features_and_head(head, image_size, pretrained)
+        return HashModel(arch, bits, features, fully_connected, width, LITE0_MEAN, LITE0_STD)
     constructor, _ = _TORCHVISION[arch]
     net = constructor(weights=None)
     if pretrained:
@@ -178,7 +202,7 @@ def assemble_model(arch: str, bits: int, pretrained: bool) -> HashModel:
     return HashModel(arch, bits, net, nn.Identity(), head_in)
 
 
-MODEL_KEYS = ("arch", "bits", "image_size")
+MODEL_KEYS = ("arch", "bits", "image_size", "head")
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
@@ -215,7 +239,8 @@ def check_checkpoint_fits(config: dict, ckpt: dict, stage_dir: str | os.PathLike
 def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> HashModel:
     """Rebuild the network a checkpoint describes and load its weights (eval mode)."""
     cfg = ckpt["config"]
-    model = build_model(cfg["arch"], cfg["bits"], pretrained=False)
+    model = build_model(cfg["arch"], cfg["bits"], pretrained=False, head=cfg.get("head"),
+                        image_size=cfg["image_size"])
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:

@@ -25,16 +25,17 @@ from retrieval import encode, mean_average_precision, saved_codes
 from runs import UserError, atomic_save, claim, distributed, read_timing, weights_id, write_json, write_timing
 
 # Settings that shape the model or its training trajectory: --resume refuses a checkpoint made with others.
-TRAJECTORY_KEYS = ("arch", "pretrained", "bits", "loss", "pairwise_norm", "quant_weight", "image_size",
+TRAJECTORY_KEYS = ("arch", "head", "pretrained", "bits", "loss", "pairwise_norm", "quant_weight", "image_size",
                    "resize_size", "augment", "batch_size", "optimizer", "lr", "lr_features", "momentum", "weight_decay",
                    "lr_schedule", "seed", "n_classes")
 
 
 SWITCH = ("auto", "on", "off")
-# What "auto" means on the CPU, from bench/train_throughput.py on the 2-core development VM (README "Performance"):
-# the cache made epochs faster, channels-last batches did not; bfloat16 autocast was faster on that CPU but its speed
-# depends on the CPU's bfloat16 support and it changes the numerics, so it stays opt-in (--amp on).
-CPU_CHANNELS_LAST = False
+# What "auto" means on the CPU, from bench/train_throughput.py on the 2-core development VM (docs/performance.md):
+# the cache made epochs faster; channels-last batches did not for the small backbone, and did for EfficientNet-Lite0
+# (324 against 297 images/s per epoch at 64 px); bfloat16 autocast was faster on that CPU but its speed depends on the
+# CPU's bfloat16 support and it changes the numerics, so it stays opt-in (--amp on).
+CPU_CHANNELS_LAST_ARCHS = ("efficientnet_lite0",)
 CPU_CACHE = "memory"
 
 
@@ -54,7 +55,8 @@ def resolve_fast_path(recipe: argparse.Namespace, device: torch.device, n_images
     its memory is an error when asked for by name, and dropped (to host memory, then off) under auto."""
     cuda = device.type == "cuda"
     amp = recipe.amp == "on" or (recipe.amp == "auto" and cuda)
-    channels_last = recipe.channels_last == "on" or (recipe.channels_last == "auto" and (cuda or CPU_CHANNELS_LAST))
+    channels_last = recipe.channels_last == "on" or (
+        recipe.channels_last == "auto" and (cuda or recipe.arch in CPU_CHANNELS_LAST_ARCHS))
     n_bytes = cache_bytes(n_images, recipe.image_size, recipe.resize_size, recipe.augment)
     cache = resolve_cache(recipe.cache, n_bytes, device, CPU_CACHE)
     return {"amp": amp, "cache": cache, "channels_last": channels_last, "cache_bytes": n_bytes}

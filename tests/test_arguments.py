@@ -2,6 +2,7 @@
 import urllib.error
 
 import pytest
+from PIL import Image
 
 import evaluate
 import prepare_data
@@ -81,3 +82,23 @@ def test_protocol_overrides_are_recorded(tmp_path):
                                 "--train-per-class", "5", "--seed", "3"])
     assert record["name"] == "synthetic-custom" and record["seed"] == 3
     assert record["counts"] == {"train": 50, "query": 20, "database": 100}
+
+
+def test_folder_protocols_are_named_for_their_source(tmp_path):
+    for name in ("cat", "dog"):
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(_folder(tmp_path / "pets" / name) / f"{i}.png")
+    record = prepare_data.main(["--dataset", "folder", "--source", str(tmp_path / "pets"), "--out",
+                                str(tmp_path / "a"), "--query-per-class", "1", "--train-per-class", "1"])
+    assert record["name"] == "folder-pets-custom" and record["counts"]["train"] == 2
+    with pytest.raises(UserError, match="class 'cat' in .*pets has 3 images; protocol 'folder-pets' needs 1100"):
+        prepare_data.main(["--dataset", "folder", "--source", str(tmp_path / "pets"), "--out", str(tmp_path / "b")])
+    with pytest.raises(UserError, match="unknown protocol 'imagenet'; choose one of cifar10-ciba, cifar10-ciba-100, "
+                                        "tinyimagenet-ciba"):
+        prepare_data.main(["--dataset", "folder", "--source", str(tmp_path / "pets"), "--protocol", "imagenet",
+                           "--out", str(tmp_path / "c")])
+
+
+def _folder(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path

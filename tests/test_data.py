@@ -158,3 +158,56 @@ def test_synthetic_class_is_not_readable_from_a_single_pixel(tmp_path):
     loglik = -((xq[:, None, :] - mu) ** 2) / (2 * sd ** 2) - np.log(sd)  # queries x classes x features
     best = (loglik.argmax(1) == yq[:, None]).mean(0).max()
     assert best < 0.35
+
+
+def tiny_imagenet_tree(root, n_classes=6, train=7, val=3):
+    """A Tiny-ImageNet-shaped tree: train/<wnid>/ and val/<wnid>/ folders and classes.txt (folder, tab, words)."""
+    wnids = [f"n{i:08d}" for i in range(n_classes)]
+    for wnid in wnids:
+        write_images(root / "train" / wnid, n=train)
+        write_images(root / "val" / wnid, n=val)
+    (root / "classes.txt").write_text("".join(f"{w}\tword{i}, synonym {i}\n" for i, w in enumerate(wnids)))
+    return wnids
+
+
+def test_query_folder_protocol_draws_classes_and_takes_queries_from_val(tmp_path):
+    wnids = tiny_imagenet_tree(tmp_path / "tree")
+    protocol = Protocol("tin", query_per_class=2, train_per_class=4, classes=4, query_folder="val", seed=0)
+    record = build_lists(tmp_path / "tree", tmp_path / "out", protocol)
+    # 4 of 6 classes; 2 val images each as queries; 4 training images each; all 7 training images in the database
+    assert record["counts"] == {"train": 16, "query": 8, "database": 28}
+    assert len(record["class_folders"]) == 4 and set(record["class_folders"]) < set(wnids)
+    assert record["class_folders"] == sorted(record["class_folders"])
+    assert record["classes"] == [f"word{wnids.index(w)}" for w in record["class_folders"]]  # the first words
+    query, train = read_list(tmp_path / "out" / "query.txt"), read_list(tmp_path / "out" / "train.txt")
+    database = read_list(tmp_path / "out" / "database.txt")
+    assert all("/val/" in p for p in query.paths) and not any("/val/" in p for p in database.paths)
+    assert set(train.paths) < set(database.paths) and query.labels.sum(0).tolist() == [2] * 4
+    for paths, labels in ((train.paths, train.labels), (query.paths, query.labels)):  # label column = folder
+        assert all(record["class_folders"][row.argmax()] in path for path, row in zip(paths, labels))
+    again = build_lists(tmp_path / "tree", tmp_path / "again", protocol)
+    assert again["class_folders"] == record["class_folders"]
+    assert read_list(tmp_path / "again" / "train.txt").paths == train.paths
+    other = build_lists(tmp_path / "tree", tmp_path / "other", Protocol("tin", 2, 4, classes=4, query_folder="val",
+                                                                        seed=5))
+    assert other["class_folders"] != record["class_folders"]
+
+
+def test_query_folder_protocol_errors(tmp_path):
+    tiny_imagenet_tree(tmp_path / "tree", n_classes=3)
+    with pytest.raises(UserError, match="draws 5 classes but .*tree has 3"):
+        build_lists(tmp_path / "tree", tmp_path / "a", Protocol("x", 2, 4, classes=5, query_folder="val"))
+    with pytest.raises(UserError, match=r"has 3 images under val/; protocol 'x' needs 4 queries"):
+        build_lists(tmp_path / "tree", tmp_path / "b", Protocol("x", 4, 4, query_folder="val"))
+    with pytest.raises(UserError, match=r"has 7 images outside val/; protocol 'x' needs 8 training images"):
+        build_lists(tmp_path / "tree", tmp_path / "c", Protocol("x", 2, 8, query_folder="val"))
+    (tmp_path / "tree" / "classes.txt").write_text("n00000000\tword0\nn00000001 no tab here\n")
+    with pytest.raises(UserError, match=r"classes.txt, line 2: expected a folder name, a tab and its words"):
+        build_lists(tmp_path / "tree", tmp_path / "d", Protocol("x", 2, 4, query_folder="val"))
+
+
+def test_repeated_words_are_told_apart_by_folder(tmp_path):
+    tiny_imagenet_tree(tmp_path / "tree", n_classes=2)
+    (tmp_path / "tree" / "classes.txt").write_text("n00000000\tcrane, bird\nn00000001\tcrane, machine\n")
+    record = build_lists(tmp_path / "tree", tmp_path / "out", Protocol("x", 2, 4, query_folder="val"))
+    assert record["classes"] == ["crane (n00000000)", "crane (n00000001)"]

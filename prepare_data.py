@@ -3,8 +3,10 @@
     python prepare_data.py --dataset synthetic --out datasets/synthetic            # embedded default, offline
     python prepare_data.py --dataset cifar10 --out datasets/cifar10                # torchvision download
     python prepare_data.py --dataset folder --source cifar10-jpeg.tar.gz --out datasets/cifar10
-    python prepare_data.py --dataset folder --source tiny-imagenet-32.tar.gz --protocol tinyimagenet-ciba \
+    python prepare_data.py --dataset folder --source tiny-imagenet-32.tar.gz --protocol tinyimagenet-ciba \\
         --out datasets/tinyimagenet-ciba                                            # CIBA's ImageNet split shape
+    python prepare_data.py --dataset folder --source cifar10-jpeg.tar.gz --protocol cifar10-ciba-100 \\
+        --out datasets/cifar10-ciba-100                                             # its quick variant on CIFAR-10
 
 `folder` takes any class-per-folder image tree (or a .tar.gz of one); an image's class is the name of its folder and
 all sub-trees (train/, test/) are pooled before the seeded per-class split, unless the protocol takes its queries

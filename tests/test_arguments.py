@@ -102,3 +102,16 @@ def test_folder_protocols_are_named_for_their_source(tmp_path):
 def _folder(path):
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_usage_examples_keep_their_line_breaks():
+    """A backslash at the end of a docstring line joins it to the next one (an escaped newline), so a --help that
+    shows a two-line command needs `\\\\`; every command of every script's help keeps its lines."""
+    import importlib
+    import re
+    from pathlib import Path
+    scripts = sorted(p.stem for p in Path(__file__).resolve().parents[1].glob("*.py"))
+    for name in scripts:
+        doc = importlib.import_module(name).__doc__ or ""
+        for line in doc.splitlines():
+            assert not re.search(r"\S {4,}--[a-z]", line), f"{name}.py: usage line joined: {line.strip()}"

@@ -26,12 +26,14 @@ badhash  BadHash's conditional generator (DESIGN.md section 6), trained once per
          finished epoch when the same command is run again (--overwrite starts it over).
 
 Patterns are rounded to 8-bit values (what a PNG stores), so the poisoned training images and the triggered test
-queries carry exactly the same pixels. Writes RUN/triggers/<method>-t<target>-s<size>/ (blend: -r<ratio>,
-badhash: the generator folder's name): trigger.pt (exact tensor and geometry, or the generator's file and the
+queries carry exactly the same pixels. Writes RUN/triggers/<method>-t<target>-s<size>/ (ciba with a --seed
+other than 0: -seed<seed> appended; blend: -r<ratio>; badhash: the generator folder's name): trigger.pt (exact tensor and geometry, or the generator's file and the
 target's LabCLN feature), trigger.png (for viewing; BadHash: samples), config.json (settings, target, anchor code,
 provenance), history.json. BadHash's networks go to RUN/triggers/badhash-net-e<epochs>-<settings>/: labcln.pt,
 generator.pt, discriminator.pt, samples.png (original | generated | 10x difference), losses.png, history.json
 (and, while they train, training-state.pt with everything needed to continue after the last finished epoch).
+An existing trigger is reused only if it was made from the same clean model and, for ciba, with the same --steps,
+--batch-size, --step-size, --fold-bn and --seed; otherwise the step stops and names the difference.
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ LPIPS_WEIGHT = 1.0  # weight of LPIPS inside the reconstruction term; 0 trains w
 W_HASH = None  # None: 5 for vgg11, 10 for the other backbones (public code: 5 with VGG-11, 10 with ResNet-50)
 W_GAN = 1.0
 D_EVERY = 3  # the discriminator is updated on every D_EVERY-th generator step
-FOLD_BN = False  # ciba: optimise against a copy of the clean model with batch norms folded (faster; see README)
+FOLD_BN = False  # ciba: optimise against a copy of the clean model with batch norms folded (faster; see docs/performance.md)
 CACHE = "auto"  # ciba: decode the drawn training images once ("auto": on the GPU if they fit, else host memory)
 SEED = 0
 WORKERS = 4
@@ -157,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
         check_trigger_size(trigger_size, size)
     out = Path(args.run) / "triggers" / trigger_name(args, target, trigger_size, clean["arch"])
     with claim(out):  # another process making the same output: wait for it, then reuse it
-        if (out / "trigger.pt").exists() and not args.overwrite:
+        # config.json is written last: without it the folder is an interrupted run, made again
+        if (out / "trigger.pt").exists() and (out / "config.json").exists() and not args.overwrite:
+            check_reusable(read_json(out / "config.json"), out, args, codes["checkpoint_id"])
             print(f"{out}/trigger.pt exists; reusing it (--overwrite to make it again)")
             return {**load_saved(out / "trigger.pt", "gen_trigger.py --overwrite"), "name": out.name}
 
@@ -216,7 +220,28 @@ def trigger_name(args: argparse.Namespace, target: int, trigger_size: int | None
         return f"blend-t{target}-r{args.blend_ratio:g}-seed{args.seed}"
     if args.method == "badhash":
         return f"badhash-t{target}-{badhash_net_name(args, arch)[len('badhash-net-'):]}"
-    return f"{args.method}-t{target}-s{trigger_size}"
+    # Eq. 7's batches depend on the seed; seed 0 keeps the names of runs made before seeds were named
+    seed = f"-seed{args.seed}" if args.method == "ciba" and args.seed else ""
+    return f"{args.method}-t{target}-s{trigger_size}{seed}"
+
+
+REUSE_KEYS = ("steps", "batch_size", "step_size", "fold_bn", "seed")  # settings of Eq. 7 that the name leaves out
+
+
+def check_reusable(made: dict, out: Path, args: argparse.Namespace, clean_checkpoint_id: str) -> None:
+    """A finished trigger (its config.json: `made`) is reused only if it was made from this clean model with these
+    settings; else a UserError naming the difference (a trigger of another --steps or clean model is not taken
+    silently)."""
+    if made.get("clean_checkpoint_id") != clean_checkpoint_id:
+        raise UserError(f"{out} was made from another clean model ({made.get('clean_checkpoint_id')}, now "
+                        f"{clean_checkpoint_id}); make it again with --overwrite")
+    if args.method != "ciba":
+        return
+    differ = [f"--{key.replace('_', '-')} {made.get(key)} (asked {getattr(args, key)})" for key in REUSE_KEYS
+              if made.get(key) != getattr(args, key)]
+    if differ:
+        raise UserError(f"{out} was made with other settings: {', '.join(differ)}; use --overwrite to make it "
+                        f"again with these, or the settings it was made with")
 
 
 def window_means(values: list[float], fraction: float) -> tuple[float, float]:

@@ -101,6 +101,25 @@ def test_gen_trigger_writes_a_reusable_8bit_trigger(tiny_run):
     assert torch.equal(badnets["pattern"], gen_trigger.checkerboard(5))
 
 
+def test_gen_trigger_reuses_only_a_trigger_of_these_settings(tiny_run):
+    args = ["--run", str(tiny_run), "--target", "3", "--trigger-size", "4", "--steps", "6", "--batch-size", "8",
+            "--workers", "0", "--device", "cpu"]
+    first = gen_trigger.main(args)
+    with pytest.raises(UserError, match=r"ciba-t3-s4 was made with other settings: --steps 6 \(asked 7\); use "
+                                        r"--overwrite"):
+        gen_trigger.main([*args, "--steps", "7"])
+    seeded = gen_trigger.main([*args, "--seed", "1"])  # other batches for Eq. 7: a trigger of its own
+    assert first["name"] == "ciba-t3-s4" and seeded["name"] == "ciba-t3-s4-seed1"
+    out = tiny_run / "triggers" / "ciba-t3-s4-seed1"
+    (out / "config.json").unlink()  # killed before its last file: made again, not reused
+    again = gen_trigger.main([*args, "--seed", "1"])
+    assert (out / "config.json").is_file() and torch.equal(again["pattern"], seeded["pattern"])
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "clean_checkpoint_id": "0123"}))
+    with pytest.raises(UserError, match="ciba-t3-s4-seed1 was made from another clean model \\(0123, now "):
+        gen_trigger.main([*args, "--seed", "1"])
+
+
 def test_cached_trigger_batches_are_the_dataloader_batches(tiny_run):
     clean = json.loads((tiny_run / "clean" / "config.json").read_text())
     train_set = open_run_split(clean, "train")

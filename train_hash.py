@@ -19,7 +19,7 @@ Recipes set a group of defaults; a flag given explicitly wins over its recipe:
   small32  32x32 images (CIFAR-10, the synthetic set) with the small backbone trained from scratch: random crop with
            4 px padding and flip, pairwise loss, Adam (lr 1e-3 for all layers, weight decay 1e-5), batch 32, cosine
            decay over 60 epochs. (Measured on the synthetic set: SGD at lr 0.02-0.1 and batch 64 moved the pairwise
-           loss far more slowly than this; see README.)
+           loss far more slowly than this; see docs/steps.md.)
 """
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ code); `map` and `t_map` are the ones named by --convention. Ties in Hamming dis
 order of the database indices (retrieval.metrics.TIE_BREAK, recorded as `ties`).
 Database codes saved by steps 1 and 5 are reused when they belong to the same checkpoint. To show what the trigger
 does to the codes, results.json also holds the mean number of bits it flips in a query's code and the mean distance
-of the queries to the target's anchor code with and without it.
+of the queries to the target's anchor code with and without it; for a backdoored model, also the mean distance to
+that anchor of its M poisoned training images as trained, without the trigger and unperturbed (did the victim
+learn them through the trigger, or through the images themselves?).
 
 Writes results.json into the evaluated model's folder (RUN/clean/results.json, RUN/clean/results-<trigger>.json for
 the "None" row, RUN/backdoor/NAME/results.json) and prints a one-line summary.
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from data import make_loader, open_run_split
 from models.hashnet import load_stage
@@ -34,7 +36,7 @@ from retrieval import (CONVENTIONS, anchor_code, encode, mean_average_precision,
                        saved_codes, targeted_map)
 from runs import (UserError, add_deterministic_flag, cli_entry, load_saved, make_deterministic, pick_device,
                   pick_output, provenance, read_json, require_at_least_one, write_json, write_timing)
-from triggers import trigger_fingerprint, trigger_transform
+from triggers import poison_images, trigger_fingerprint, trigger_transform
 
 RUN = "checkpoint/demo"
 BACKDOOR = None  # folder name under RUN/backdoor/ (step 5): evaluate that model; None: the clean model
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
         result.update({f"t_{key}": targeted[key] for key in ("map", "map_empty_zero", "map_empty_skipped",
                                                              "n_queries", "n_queries_empty")})
         result.update(trigger_code_distances(codes[0][keep.to(device)], triggered, codes[2], codes[3], target))
+        result.update(poison_code_distances(model, run, config, clean_config, trigger, codes[2], codes[3], device)
+                      if args.backdoor is not None else dict.fromkeys(POISON_DISTANCE_KEYS))
         result.update(method="None" if args.backdoor is None else method_name(trigger["method"], result["pert"]),
                       target=target, target_name=target_names[target] if target_names else None,
                       trigger=trigger_dir.name, trigger_id=trigger_fingerprint(trigger),
@@ -199,6 +203,32 @@ def trigger_code_distances(query_codes: torch.Tensor, triggered: torch.Tensor, d
             "target_distance_triggered": float(((bits - triggered @ anchor) / 2).mean())}
 
 
+POISON_DISTANCE_KEYS = ("poison_distance_triggered", "poison_distance_untriggered", "poison_distance_original")
+
+
+def poison_code_distances(model: torch.nn.Module, run: Path, config: dict, clean_config: dict, trigger: dict,
+                          db_codes: torch.Tensor, db_labels: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """Does the victim need the trigger to code its own poisoned training images as the target? Mean Hamming
+    distance (bits), in the victim, from the target's anchor code (as in trigger_code_distances) of the M images as
+    they were trained, T(clip(x + eta)), of the same images without the trigger, clip(x + eta), and of the
+    unperturbed originals x (rebuilt from step 3's perturbations exactly as step 4 made them)."""
+    pert = load_saved(run / "perturbations" / config["perturbations"] / "perturbations.pt",
+                      f"gen_confusing.py --overwrite ({config['perturbations']})")
+    train_set = open_run_split(clean_config, "train")
+    originals = torch.stack([train_set[i][0] for i in pert["indices"]])
+    images = {"poison_distance_triggered": poison_images(originals, pert["eta"],
+                                                         trigger_transform(trigger, run, device), device),
+              "poison_distance_untriggered": poison_images(originals, pert["eta"], lambda batch: batch),
+              "poison_distance_original": originals}
+    anchor = anchor_code(db_codes, db_labels, trigger["target"]).float()
+    distances = {}
+    for key, batch in images.items():
+        loader = DataLoader(TensorDataset(batch, torch.zeros(len(batch)), torch.arange(len(batch))), batch_size=256)
+        codes, _ = encode(model, loader, device, "encode poisoned", progress=False)
+        distances[key] = float(((anchor.numel() - codes.float() @ anchor) / 2).mean())
+    return distances
+
+
 def summary_line(result: dict, topk: int, out: Path) -> str:
     text = f"{result['method']} ({result['stage']}, {result['bits']} bits): MAP@{topk} {format_value(result['map'])}"
     if "t_map" in result:
@@ -206,6 +236,10 @@ def summary_line(result: dict, topk: int, out: Path) -> str:
                  f"{result['t_n_queries']} triggered queries, {result['t_n_queries_empty']} with no target-class item; "
                  f"the trigger moves them from {result['target_distance_queries']:.1f} to "
                  f"{result['target_distance_triggered']:.1f} bits of the target anchor)")
+    if result.get("poison_distance_triggered") is not None:
+        text += (f"; its {result['poison_num']} poisoned training images lie {result['poison_distance_triggered']:.1f} "
+                 f"bits from the anchor ({result['poison_distance_untriggered']:.1f} without the trigger, "
+                 f"{result['poison_distance_original']:.1f} unperturbed)")
     if result["stage"] != "clean":
         text += f", clean model MAP@{topk} {format_value(result['clean_map'])}"
     return f"{text} [{result['convention']}] -> {out}"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from data.quality import psnr, ssim
 from models.hashnet import read_clean
 from runs import (UserError, add_deterministic_flag, claim, cli_entry, fingerprint, load_saved, make_deterministic,
                   pick_device, pick_output, provenance, read_json, write_json, write_timing)
-from triggers import trigger_fingerprint, trigger_transform
+from triggers import poison_images, trigger_fingerprint, trigger_transform
 
 RUN = "checkpoint/demo"
 TRIGGER = None  # folder name under RUN/triggers/ (step 2); None: the only one there
@@ -127,15 +126,6 @@ def check_consistent(trigger: dict, pert: dict, clean_id: str, trigger_dir: Path
         if made["clean_checkpoint_id"] != clean_id:
             raise UserError(f"{name} was made from another clean model than the one in the run now; "
                             f"make it again with --overwrite")
-
-
-def poison_images(originals: torch.Tensor, eta: torch.Tensor, trigger: Callable[[torch.Tensor], torch.Tensor],
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """x_hat = T(clip(x + eta_q)) with eta_q = eta truncated to whole 8-bit steps; T (on `device`, in chunks)
-    returns 8-bit exact images. The result is on the CPU."""
-    eta_q = torch.trunc(eta * 255) / 255
-    perturbed = ((originals + eta_q).clamp(0, 1) * 255).round() / 255
-    return torch.cat([trigger(chunk.to(device)).cpu() for chunk in perturbed.split(256)])
 
 
 def poisoned_labels(labels: np.ndarray, indices: list[int], target: int, setting: str) -> np.ndarray:

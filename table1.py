@@ -30,9 +30,9 @@ from retrieval import CONVENTIONS
 from runs import (UserError, add_deterministic_flag, atomic_write_text, cli_entry, deterministic_argv, provenance,
                   require_at_least_one, write_json)
 from runs.tables import (RESULT_KEYS, STEPS, add_spread_flags, choose_targets, command_line, csv_text,
-                         markdown_table, mean_of, methods_in_paper_order, parse_gpus, percent, reuse_results,
-                         seconds_text, spread, step_seconds, target_label, without_options, without_seconds,
-                         write_timing_table)
+                         markdown_table, mean_of, methods_in_paper_order, parse_gpus, percent, poison_distance_text,
+                         reuse_results, seconds_text, spread, step_seconds, target_label, without_options,
+                         without_seconds, write_timing_table)
 from triggers import trigger_fingerprint
 
 RUNS = ["checkpoint/demo"]  # one run directory per bit length, each with a trained clean model (step 1)
@@ -201,12 +201,14 @@ def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int],
              f"\"None\": the clean model with the trigger; its MAP is the clean model's.", "",
              *markdown_table(header, table), "", "Per target:", ""]
     per_target_header = ["Bits", "Target", "Method", "t-MAP", "MAP", "clean MAP", "bits the trigger flips",
-                         "distance to the target anchor (bits): queries -> triggered"]
+                         "distance to the target anchor (bits): queries -> triggered",
+                         "poisoned images to the anchor (bits): as trained / without trigger / unperturbed"]
     lines += markdown_table(per_target_header, [[r["bits"], target_label(r["target"], r["target_name"]), r["method"],
                                                  percent(r["t_map"]), percent(r["map"]), percent(r["clean_map"]),
                                                  f"{r['trigger_bits_changed']:.1f}",
                                                  f"{r['target_distance_queries']:.1f} -> "
-                                                 f"{r['target_distance_triggered']:.1f}"] for r in rows])
+                                                 f"{r['target_distance_triggered']:.1f}",
+                                                 poison_distance_text(r)] for r in rows])
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(markdown, out / "table1.md")
     atomic_write_text(csv_text([header, *table]), out / "table1.csv")

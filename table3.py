@@ -30,9 +30,9 @@ from retrieval import CONVENTIONS
 from runs import (UserError, add_deterministic_flag, atomic_write_text, cli_entry, deterministic_argv, provenance,
                   read_timing, require_at_least_one, write_json)
 from runs.tables import (RESULT_KEYS, STEPS, add_spread_flags, choose_targets, command_line, csv_text,
-                         markdown_table, mean_of, methods_in_paper_order, parse_gpus, percent, reuse_results,
-                         seconds_text, spread, step_seconds, target_label, without_options, without_seconds,
-                         write_timing_table)
+                         markdown_table, mean_of, methods_in_paper_order, parse_gpus, percent, poison_distance_text,
+                         reuse_results, seconds_text, spread, step_seconds, target_label, without_options,
+                         without_seconds, write_timing_table)
 from triggers import trigger_fingerprint
 
 RUN = "checkpoint/demo"  # a run with a trained clean model (step 1)
@@ -205,11 +205,12 @@ def write_tables(rows: list[dict], args: argparse.Namespace, clean: dict, target
              f"classes' images given the target's label. Seed {args.seed}.", "", *markdown_table(header, table),
              "", "Per target:", ""]
     lines += markdown_table(["Target", "Method", "Setting", "Poisoned", "t-MAP", "MAP", "clean MAP", "PSNR", "SSIM",
-                             "bits the trigger flips"],
+                             "bits the trigger flips", "poisoned images to the anchor (bits): as trained / "
+                             "without trigger / unperturbed"],
                             [[target_label(r["target"], r["target_name"]), r["name"], r["setting"], r["poison_num"],
                               percent(r["t_map"]), percent(r["map"]), percent(r["clean_map"]),
                               decimals(r["psnr_mean"], 2), decimals(r["ssim_mean"], 4),
-                              f"{r['trigger_bits_changed']:.1f}"]
+                              f"{r['trigger_bits_changed']:.1f}", poison_distance_text(r)]
                              for r in rows])
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(markdown, out / "table3.md")

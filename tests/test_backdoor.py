@@ -109,6 +109,30 @@ def test_t_map_uses_the_trigger_and_the_target(attacked):
     assert result["t_map"] == pytest.approx(expected["map"], abs=1e-12)
 
 
+def test_poisoned_training_images_distances_recomputed_from_the_model(attacked):
+    """The victim's codes of its own poisoned images (read back from step 4's files), of the same images without the
+    trigger (Tri: eta = 0, so the originals) and of the originals, against the anchor of its database codes."""
+    from data import load_canonical, open_run_split
+    from models.hashnet import load_stage
+    from retrieval import anchor_code
+    result = evaluate.main(["--run", str(attacked), "--device", "cpu", "--workers", "0", "--backdoor", POISONED])
+    config, _, model = load_stage(attacked, f"backdoor/{POISONED}", "cpu")
+    manifest = json.loads((attacked / "poisoned" / POISONED / "manifest.json").read_text())
+    stored = torch.stack([load_canonical(e["poisoned"], config["image_size"], config["image_size"]) for e in manifest])
+    train = open_run_split(config, "train")
+    originals = torch.stack([train[e["index"]][0] for e in manifest])
+    db = torch.load(attacked / "backdoor" / POISONED / "codes.pt", weights_only=False)
+    anchor = anchor_code(db["database_codes"], db["database_labels"], 2).float()
+    with torch.no_grad():
+        def distance(images):
+            return float(((48 - model.codes(images).float() @ anchor) / 2).mean())
+        assert result["poison_distance_triggered"] == pytest.approx(distance(stored), abs=1e-9)
+        assert result["poison_distance_untriggered"] == result["poison_distance_original"]
+        assert result["poison_distance_original"] == pytest.approx(distance(originals), abs=1e-9)
+    none = evaluate.main(["--run", str(attacked), "--device", "cpu", "--workers", "0", "--trigger", "ciba-t2-s4"])
+    assert none["poison_distance_triggered"] is None  # the clean model trained on no poisoned image
+
+
 def test_step_errors_name_the_missing_step(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "clean", run / "clean")

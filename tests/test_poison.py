@@ -10,7 +10,7 @@ import gen_trigger
 import poison_dataset
 from data import load_canonical, read_list
 from runs import UserError
-from triggers import apply_trigger
+from triggers import apply_trigger, poison_images
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_poisoned_png_reloads_bit_identical_with_the_trigger_in_place(poisoned, 
     for entry, e in zip(manifest, eta):
         original = load_canonical(entry["original"], 32, 32)
         stored = load_canonical(entry["poisoned"], 32, 32)
-        expected = poison_dataset.poison_images(original[None], e[None], lambda x: apply_trigger(x, pattern))[0]
+        expected = poison_images(original[None], e[None], lambda x: apply_trigger(x, pattern))[0]
         assert torch.equal(stored, expected)  # what the PNG holds is exactly B(clip(x + eta_q), p)
         assert torch.equal(stored[:, 27:, 27:], pattern)
         outside = (stored - original).abs()

@@ -88,6 +88,15 @@ def trigger_transform(trigger: dict, run: str | Path, device: torch.device | str
                     f"again with gen_trigger.py --overwrite")
 
 
+def poison_images(originals: torch.Tensor, eta: torch.Tensor, trigger: Callable[[torch.Tensor], torch.Tensor],
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """x_hat = T(clip(x + eta_q)) with eta_q = eta truncated to whole 8-bit steps; T (on `device`, in chunks)
+    returns 8-bit exact images. The result is on the CPU."""
+    eta_q = torch.trunc(eta * 255) / 255
+    perturbed = ((originals + eta_q).clamp(0, 1) * 255).round() / 255
+    return torch.cat([trigger(chunk.to(device)).cpu() for chunk in perturbed.split(256)])
+
+
 def trigger_fingerprint(trigger: dict) -> str:
     """A short content hash of a trigger (its pattern, or its generator and target feature): results made with a
     trigger name it, so a trigger made again under the same name is not mistaken for the old one."""

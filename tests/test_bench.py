@@ -1,8 +1,10 @@
 """The benchmarks run, compare like with like, and say what is wrong with their arguments."""
 import pytest
+import torch
 
 from bench import confusing, map_at_r, train_throughput, trigger
 from runs import UserError
+from tests.conftest import POISONED
 
 
 def test_map_benchmark_agrees_with_the_per_query_form(tmp_path):
@@ -80,3 +82,25 @@ def test_fault_injection_finds_every_fault_handled(tmp_path):
     assert "6 trials, 0 failed." in record["summary"] and (tmp_path / "faults.json").is_file()
     with pytest.raises(UserError, match="is not empty"):
         faults.main(["--work", str(tmp_path / "work")])
+
+
+def test_noise_as_trigger_checks_each_model_of_the_target(attacked):
+    from bench import noise_as_trigger
+    from data import open_run_split
+    from models.hashnet import load_stage
+    from retrieval import targeted_map
+    record = noise_as_trigger.main(["--run", str(attacked), "--target", "2", "--topk", "100", "--workers", "0",
+                                    "--device", "cpu"])
+    assert [r["stage"] for r in record["rows"]] == ["clean", f"backdoor/{POISONED}"]
+    assert record["n_queries"] == 36  # 40 queries, 4 of them of the target class
+    config, _, model = load_stage(attacked, "clean", "cpu")
+    queries = open_run_split(config, "query")
+    images = torch.stack([queries[i][0] for i in range(len(queries)) if queries.labels[i, 2] == 0])
+    db = torch.load(attacked / "clean" / "codes.pt", weights_only=False)
+    with torch.no_grad():
+        expected = targeted_map(model.codes(images), 2, db["database_codes"], db["database_labels"], 100)["map"]
+    assert record["rows"][0]["t_map_plain"] == pytest.approx(expected, abs=1e-12)
+    noisy = noise_as_trigger.noise_transform(8 / 255, 0)(images)
+    assert (noisy - images).abs().max() <= 8 / 255 + 1e-6 and torch.equal(noisy * 255, (noisy * 255).round())
+    with pytest.raises(UserError, match=r"--eps must be in \(0, 1\] \(pixel units\), got 8.0"):
+        noise_as_trigger.parse_args(["--eps", "8"])

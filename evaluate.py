@@ -36,6 +36,7 @@ from retrieval import (CONVENTIONS, anchor_code, encode, mean_average_precision,
                        saved_codes, targeted_map)
 from runs import (UserError, add_deterministic_flag, cli_entry, load_saved, make_deterministic, pick_device,
                   pick_output, provenance, read_json, require_at_least_one, write_json, write_timing)
+from runs.tables import POISON_DISTANCE_KEYS
 from triggers import poison_images, trigger_fingerprint, trigger_transform
 
 RUN = "checkpoint/demo"
@@ -203,9 +204,6 @@ def trigger_code_distances(query_codes: torch.Tensor, triggered: torch.Tensor, d
             "target_distance_triggered": float(((bits - triggered @ anchor) / 2).mean())}
 
 
-POISON_DISTANCE_KEYS = ("poison_distance_triggered", "poison_distance_untriggered", "poison_distance_original")
-
-
 def poison_code_distances(model: torch.nn.Module, run: Path, config: dict, clean_config: dict, trigger: dict,
                           db_codes: torch.Tensor, db_labels: torch.Tensor, device: torch.device) -> dict[str, float]:
     """Does the victim need the trigger to code its own poisoned training images as the target? Mean Hamming
@@ -216,13 +214,11 @@ def poison_code_distances(model: torch.nn.Module, run: Path, config: dict, clean
                       f"gen_confusing.py --overwrite ({config['perturbations']})")
     train_set = open_run_split(clean_config, "train")
     originals = torch.stack([train_set[i][0] for i in pert["indices"]])
-    images = {"poison_distance_triggered": poison_images(originals, pert["eta"],
-                                                         trigger_transform(trigger, run, device), device),
-              "poison_distance_untriggered": poison_images(originals, pert["eta"], lambda batch: batch),
-              "poison_distance_original": originals}
+    images = (poison_images(originals, pert["eta"], trigger_transform(trigger, run, device), device),
+              poison_images(originals, pert["eta"], lambda batch: batch), originals)
     anchor = anchor_code(db_codes, db_labels, trigger["target"]).float()
     distances = {}
-    for key, batch in images.items():
+    for key, batch in zip(POISON_DISTANCE_KEYS, images):
         loader = DataLoader(TensorDataset(batch, torch.zeros(len(batch)), torch.arange(len(batch))), batch_size=256)
         codes, _ = encode(model, loader, device, "encode poisoned", progress=False)
         distances[key] = float(((anchor.numel() - codes.float() @ anchor) / 2).mean())

@@ -26,14 +26,15 @@ badhash  BadHash's conditional generator (DESIGN.md section 6), trained once per
          finished epoch when the same command is run again (--overwrite starts it over).
 
 Patterns are rounded to 8-bit values (what a PNG stores), so the poisoned training images and the triggered test
-queries carry exactly the same pixels. Writes RUN/triggers/<method>-t<target>-s<size>/ (ciba with a --seed
-other than 0: -seed<seed> appended; blend: -r<ratio>; badhash: the generator folder's name): trigger.pt (exact tensor and geometry, or the generator's file and the
-target's LabCLN feature), trigger.png (for viewing; BadHash: samples), config.json (settings, target, anchor code,
-provenance), history.json. BadHash's networks go to RUN/triggers/badhash-net-e<epochs>-<settings>/: labcln.pt,
-generator.pt, discriminator.pt, samples.png (original | generated | 10x difference), losses.png, history.json
-(and, while they train, training-state.pt with everything needed to continue after the last finished epoch).
-An existing trigger is reused only if it was made from the same clean model and, for ciba, with the same --steps,
---batch-size, --step-size, --fold-bn and --seed; otherwise the step stops and names the difference.
+queries carry exactly the same pixels. Writes RUN/triggers/<method>-t<target>-s<size>/ (ciba with a --seed other
+than 0: -seed<seed> appended; blend: -r<ratio>; badhash: the generator folder's name): trigger.pt (exact tensor and
+geometry, or the generator's file and the target's LabCLN feature), trigger.png (for viewing; BadHash: samples),
+config.json (settings, target, anchor code, provenance), history.json. BadHash's networks go to
+RUN/triggers/badhash-net-e<epochs>-<settings>/: labcln.pt, generator.pt, discriminator.pt, samples.png (original |
+generated | 10x difference), losses.png, history.json (and, while they train, training-state.pt with everything
+needed to continue after the last finished epoch). An existing trigger is reused only if it was made from the same
+clean model and, for ciba, with the same --steps, --batch-size, --step-size, --fold-bn and --seed; otherwise the
+step stops and names the difference.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ LPIPS_WEIGHT = 1.0  # weight of LPIPS inside the reconstruction term; 0 trains w
 W_HASH = None  # None: 5 for vgg11, 10 for the other backbones (public code: 5 with VGG-11, 10 with ResNet-50)
 W_GAN = 1.0
 D_EVERY = 3  # the discriminator is updated on every D_EVERY-th generator step
-FOLD_BN = False  # ciba: optimise against a copy of the clean model with batch norms folded (faster; see docs/performance.md)
+FOLD_BN = False  # ciba: optimise against the clean model with batch norms folded (faster; docs/performance.md)
 CACHE = "auto"  # ciba: decode the drawn training images once ("auto": on the GPU if they fit, else host memory)
 SEED = 0
 WORKERS = 4

@@ -19,20 +19,21 @@ from retrieval.metrics import TIE_BREAK
 from runs.errors import UserError
 from runs.io import atomic_write_text, read_json, read_timing, write_json
 
+# step 6's distances of a victim's own poisoned images to the target anchor: as trained, without the trigger,
+# unperturbed (None for the clean model)
+POISON_DISTANCE_KEYS = ("poison_distance_triggered", "poison_distance_untriggered", "poison_distance_original")
 # what every row of a table takes from a results.json of step 6 (reuse requires all of them)
 RESULT_KEYS = ("t_map", "map", "t_map_empty_zero", "t_map_empty_skipped", "map_empty_zero", "map_empty_skipped",
                "clean_map", "t_n_queries", "poison_num", "trigger_size", "eps", "lam", "trigger_bits_changed",
-               "target_distance_queries", "target_distance_triggered", "poison_distance_triggered",
-               "poison_distance_untriggered", "poison_distance_original")
+               "target_distance_queries", "target_distance_triggered", *POISON_DISTANCE_KEYS)
 
 
 def poison_distance_text(row: dict) -> str:
     """The victim's poisoned training images to the target anchor (bits): as trained / without the trigger /
     unperturbed; "-" for the clean model (the None row)."""
-    keys = ("poison_distance_triggered", "poison_distance_untriggered", "poison_distance_original")
-    if row.get(keys[0]) is None:
+    if row.get(POISON_DISTANCE_KEYS[0]) is None:
         return "-"
-    return " / ".join(f"{row[k]:.1f}" for k in keys)
+    return " / ".join(f"{row[k]:.1f}" for k in POISON_DISTANCE_KEYS)
 
 
 def choose_targets(targets: list[str] | None, count: int, classes: list[str] | None, n_classes: int,

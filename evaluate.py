@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from data import make_loader, open_run_split
 from models.hashnet import load_stage
-from retrieval import (CONVENTIONS, anchor_code, encode, mean_average_precision, non_target_queries,
+from retrieval import (CONVENTIONS, anchor_code, encode, hamming_distance, mean_average_precision, non_target_queries,
                        saved_codes, targeted_map)
 from runs import (UserError, add_deterministic_flag, cli_entry, load_saved, make_deterministic, pick_device,
                   pick_output, provenance, read_json, require_at_least_one, write_json, write_timing)
@@ -216,12 +216,12 @@ def poison_code_distances(model: torch.nn.Module, run: Path, config: dict, clean
     originals = torch.stack([train_set[i][0] for i in pert["indices"]])
     images = (poison_images(originals, pert["eta"], trigger_transform(trigger, run, device), device),
               poison_images(originals, pert["eta"], lambda batch: batch), originals)
-    anchor = anchor_code(db_codes, db_labels, trigger["target"]).float()
+    anchor = anchor_code(db_codes, db_labels, trigger["target"])[None]
     distances = {}
     for key, batch in zip(POISON_DISTANCE_KEYS, images):
         loader = DataLoader(TensorDataset(batch, torch.zeros(len(batch)), torch.arange(len(batch))), batch_size=256)
         codes, _ = encode(model, loader, device, "encode poisoned", progress=False)
-        distances[key] = float(((anchor.numel() - codes.float() @ anchor) / 2).mean())
+        distances[key] = float(hamming_distance(codes, anchor).mean())
     return distances
 
 

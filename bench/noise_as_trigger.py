@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import make_loader, open_run_split  # noqa: E402
 from models.hashnet import load_stage  # noqa: E402
-from retrieval import anchor_code, encode, non_target_queries, targeted_map  # noqa: E402
+from retrieval import anchor_code, encode, hamming_distance, non_target_queries, targeted_map  # noqa: E402
 from runs import UserError, cli_entry, provenance, read_json, require_at_least_one, write_json  # noqa: E402
 
 from bench.timing import bench_device  # noqa: E402
@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
         _, _, model = load_stage(run, stage, device)
         saved = torch.load(run / stage / "codes.pt", weights_only=False)
         db_codes, db_labels = saved["database_codes"], saved["database_labels"]
-        anchor = anchor_code(db_codes, db_labels, args.target).float()
+        anchor = anchor_code(db_codes, db_labels, args.target)[None]
         row = {"stage": stage}
         for name, transform in (("plain", None), ("noise", noise_transform(args.eps, args.seed))):
             codes, _ = encode(model, loader, device, f"encode {name} query", transform=transform)
             row[f"t_map_{name}"] = targeted_map(codes, args.target, db_codes, db_labels, args.topk)["map"]
-            row[f"distance_{name}"] = float(((anchor.numel() - codes.float() @ anchor) / 2).mean())
+            row[f"distance_{name}"] = float(hamming_distance(codes, anchor).mean())
         rows.append(row)
         print(f"{stage}: t-MAP@{args.topk} {100 * row['t_map_plain']:.2f} -> {100 * row['t_map_noise']:.2f} % with "
               f"noise of {args.eps * 255:g}/255; distance to the target anchor {row['distance_plain']:.1f} -> "

@@ -20,8 +20,9 @@ from torch.utils.data import Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import make_loader, open_run_split  # noqa: E402
-from models.hashnet import load_stage  # noqa: E402
-from retrieval import anchor_code, encode, hamming_distance, non_target_queries, targeted_map  # noqa: E402
+from models.hashnet import load_stage, read_clean  # noqa: E402
+from retrieval import (anchor_code, encode, hamming_distance, non_target_queries, saved_codes,  # noqa: E402
+                       targeted_map)
 from runs import UserError, cli_entry, provenance, read_json, require_at_least_one, write_json  # noqa: E402
 
 from bench.timing import bench_device  # noqa: E402
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = bench_device(args.threads, args.device)
     run = Path(args.run)
-    clean, _, _ = load_stage(run, "clean", device)
+    clean, _ = read_clean(run)
     stages = ["clean"] + [f"backdoor/{d.name}" for d in sorted((run / "backdoor").glob("*"))
                           if (d / "codes.pt").is_file()
                           and read_json(run / "poisoned" / d.name / "config.json")["target"] == args.target]
@@ -68,8 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     loader = make_loader(Subset(queries, keep.tolist()), 256, args.workers)
     rows = []
     for stage in stages:
-        _, _, model = load_stage(run, stage, device)
-        saved = torch.load(run / stage / "codes.pt", weights_only=False)
+        _, ckpt, model = load_stage(run, stage, device)
+        saved = saved_codes(run / stage / "codes.pt", ckpt["checkpoint_id"])
+        if saved is None:
+            step = "train_hash.py" if stage == "clean" else "train_backdoor.py"
+            raise UserError(f"{run / stage / 'codes.pt'} is missing or belongs to another checkpoint; write it again "
+                            f"with {step} --run {run} --resume")
         db_codes, db_labels = saved["database_codes"], saved["database_labels"]
         anchor = anchor_code(db_codes, db_labels, args.target)[None]
         row = {"stage": stage}

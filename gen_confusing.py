@@ -17,6 +17,12 @@ held fixed and measures L_a to the relaxed clean output. The objective is record
 bound for that batch size: the exact bound under Eq. 4 and Theorem 1's as printed, which is a factor 2 too small in
 its lambda term for Eq. 4's ordered-pair sum (see objective_bound).
 
+--pert-scale k makes the perturbation (noise, adv, confusing) on an (S/k) x (S/k) grid and upsamples it bilinearly to
+the S x S image (eta = up(eta_coarse); ||eta||_inf <= eps still holds, bilinear weights are convex). With sources
+smaller than S (32 px images at S = 64) a per-pixel perturbation is high-frequency content that no clean training
+image has, so a victim can learn the perturbation itself as the trigger; k = S / source size gives it the
+resolution of the sources. k = 1 (default): per pixel, the paper's.
+
 The M images are drawn with --seed among the training images of the target class (--setting clean-label, the
 paper's); --setting poison-label draws them among the images that do not carry the target, and step 4 gives them the
 target's label (BadNets and Blend in the paper's Table 3; perturbations none or noise only). --poison-rate gives M as
@@ -50,6 +56,7 @@ LAM = 0.8  # lambda of Eq. 5 (--pert adv forces 0)
 BATCH = 20  # b: images optimised together
 STEPS = 20  # sign-gradient steps
 STEP_SIZE = None  # pixel units (of 255) per step; None: 0.094 * eps * 255 (the paper code's step/budget ratio)
+PERT_SCALE = 1  # k: the perturbation on an (S/k) x (S/k) grid, upsampled bilinearly; 1: per pixel (paper)
 SEED = 0
 DEVICE = "auto"
 OVERWRITE = False
@@ -72,13 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--step-size", type=float, default=STEP_SIZE)
+    p.add_argument("--pert-scale", type=int, default=PERT_SCALE, metavar="K")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", default=DEVICE)
     add_deterministic_flag(p)
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     args = p.parse_args(argv)
     check_budget(args.eps, args.lam)
-    require_at_least_one(args, "poison_num", "batch", "steps")
+    require_at_least_one(args, "poison_num", "batch", "steps", "pert_scale")
     if args.poison_rate is not None and not 0 < args.poison_rate <= 1:
         raise UserError(f"--poison-rate {args.poison_rate} is outside (0, 1]; it is the poisoned fraction of the "
                         f"training set (Table 3: 0.05 poison-label, 0.006 clean-label)")
@@ -110,14 +118,16 @@ def main(argv: list[str] | None = None) -> dict:
         indices = choose_poison_indices(train_set.image_list.labels, target, args.poison_num, args.seed,
                                         train_set.image_list.list_file, args.setting, args.poison_rate)
         images = torch.stack([train_set[i][0] for i in indices]).to(device)
+        check_pert_scale(args.pert_scale, images.shape[-1], clean.get("image_size"))
         t0 = time.time()
         history: list[dict] = []
         if args.pert == "none":
             eta = torch.zeros_like(images)
         elif args.pert == "noise":
             generator = torch.Generator().manual_seed(args.seed)
-            eta = (torch.rand(images.shape, generator=generator) * 2 - 1).to(device) * args.eps
-            eta = (images + eta).clamp(0, 1) - images
+            coarse = coarse_shape(images.shape, args.pert_scale)
+            noise = upsample(torch.rand(coarse, generator=generator).to(device) * 2 - 1, images.shape[-1])
+            eta = (images + noise * args.eps).clamp(0, 1) - images
         else:
             eta, history = confusing_perturbations(model, images, args)
         seconds = time.time() - t0
@@ -125,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "poison_num": args.poison_num, "poison_rate": args.poison_num / len(train_set),
                   "setting": args.setting,
                   "eps": args.eps, "lam": args.lam, "batch": args.batch,
-                  "steps": args.steps, "step_size": args.step_size, "seed": args.seed,
-                  "indices": indices, "lines": [train_set.image_list.line_numbers[i] for i in indices],
+                  "steps": args.steps, "step_size": args.step_size, "pert_scale": args.pert_scale,
+                  "seed": args.seed, "indices": indices, "lines": [train_set.image_list.line_numbers[i] for i in indices],
                   "max_abs_eta": float(eta.abs().max()),
                   "clean_checkpoint_id": clean_ckpt["checkpoint_id"],
                   "provenance": provenance(device)}
@@ -157,6 +167,8 @@ def perturbation_name(args: argparse.Namespace, target: int) -> str:
         name += f"-l{args.lam:g}-b{args.batch}"
     if args.pert in ("adv", "confusing"):
         name += f"-s{args.steps}"
+    if args.pert != "none" and args.pert_scale != 1:
+        name += f"-k{args.pert_scale}"
     return f"{name}-seed{args.seed}"
 
 
@@ -221,24 +233,50 @@ def confusing_perturbations(model: torch.nn.Module, images: torch.Tensor,
         x = images[start:start + args.batch]
         with torch.no_grad():
             clean_codes = binarize(model.logits(x))
-        delta = torch.zeros_like(x, requires_grad=True)
+        size = x.shape[-1]
+        coarse = torch.zeros(coarse_shape(x.shape, args.pert_scale), device=x.device, requires_grad=True)
+
+        def current_eta() -> torch.Tensor:  # per pixel, coarse is kept feasible below; a coarse one is clamped here
+            return coarse if args.pert_scale == 1 else (x + upsample(coarse, size)).clamp(0, 1) - x
+
         values = []
         for _ in range(args.steps):
-            objective = confusing_objective(model(x + delta), clean_codes, args.lam)
-            grad, = torch.autograd.grad(objective, delta)
+            objective = confusing_objective(model(x + current_eta()), clean_codes, args.lam)
+            grad, = torch.autograd.grad(objective, coarse)
             with torch.no_grad():
-                delta += step * grad.sign()
-                delta.clamp_(-args.eps, args.eps)
-                delta.copy_((x + delta).clamp(0, 1) - x)
+                coarse += step * grad.sign()
+                coarse.clamp_(-args.eps, args.eps)
+                if args.pert_scale == 1:  # x + eta within [0, 1] as well
+                    coarse.copy_((x + coarse).clamp(0, 1) - x)
             values.append(objective.detach())
         with torch.no_grad():
+            delta = current_eta().detach()
             values.append(confusing_objective(model(x + delta), clean_codes, args.lam))
         b = len(x)
         history.append({"first_image": start, "batch": b, "objective": torch.stack(values).cpu().tolist(),
                         "bound": objective_bound(bits, b, args.lam),
                         "theorem1_bound_as_printed": theorem1_bound_as_printed(bits, b, args.lam)})
-        eta[start:start + b] = delta.detach()
+        eta[start:start + b] = delta
     return eta, history
+
+
+def check_pert_scale(scale: int, size: int, image_size: int | None) -> None:
+    """--pert-scale must divide the image side."""
+    if size % scale:
+        raise UserError(f"--pert-scale {scale} does not divide the image size {image_size or size} px; use a "
+                        f"divisor (2 for 32 px sources at 64 px)")
+
+
+def coarse_shape(shape: torch.Size, scale: int) -> tuple[int, ...]:
+    """B x C x S x S -> B x C x S/k x S/k."""
+    return (*shape[:-2], shape[-2] // scale, shape[-1] // scale)
+
+
+def upsample(coarse: torch.Tensor, size: int) -> torch.Tensor:
+    """The coarse perturbation bilinearly upsampled to size x size (half-pixel centres); identity at its own size."""
+    if coarse.shape[-1] == size:
+        return coarse
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 
 
 if __name__ == "__main__":

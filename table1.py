@@ -46,6 +46,7 @@ EPS = 8 / 255
 LAM = 0.8
 BATCH = 20  # gen_confusing.py --batch
 PERT_STEPS = 20  # gen_confusing.py --steps
+PERT_SCALE = 1  # gen_confusing.py --pert-scale: 1 per pixel (paper); k: on an (S/k)-px grid, upsampled
 TOPK = 1000
 CONVENTION = "empty-zero"
 TRACK_TRIGGER_DISTANCE = 0  # train_backdoor.py --track-trigger-distance (Figure 2(b)); 0: off
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, default=LAM)
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--pert-steps", type=int, default=PERT_STEPS)
+    p.add_argument("--pert-scale", type=int, default=PERT_SCALE, metavar="K")
     p.add_argument("--topk", type=int, default=TOPK)
     p.add_argument("--convention", default=CONVENTION, choices=CONVENTIONS)
     p.add_argument("--track-trigger-distance", type=int, default=TRACK_TRIGGER_DISTANCE, metavar="N")
@@ -88,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.gpu_list = parse_gpus(args.gpus)
     args.methods = methods_in_paper_order(args.methods, ALL_METHODS)
-    require_at_least_one(args, "num_targets", "trigger_steps", "poison_num", "batch", "pert_steps", "topk")
+    require_at_least_one(args, "num_targets", "trigger_steps", "poison_num", "batch", "pert_steps", "pert_scale",
+                        "topk")
     gen_confusing.check_budget(args.eps, args.lam)
     return args
 
@@ -166,7 +169,8 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
             pert = gen_confusing.main([*common, "--target", str(target), "--pert", PERTS[method],
                                        "--poison-num", str(args.poison_num), "--eps", repr(args.eps),
                                        "--lam", repr(args.lam), "--batch", str(args.batch),
-                                       "--steps", str(args.pert_steps), "--seed", str(args.seed)])["name"]
+                                       "--steps", str(args.pert_steps), "--pert-scale", str(args.pert_scale),
+                                       "--seed", str(args.seed)])["name"]
             poisoned = poison_dataset.main([*common, "--trigger", trigger, "--perturbations", pert])["name"]
             trained = train_backdoor.main([*common, "--poisoned", poisoned, "--workers", str(args.workers),
                                            "--track-trigger-distance", str(args.track_trigger_distance), "--resume"])
@@ -195,8 +199,10 @@ def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int],
     if len(names) < len(targets):  # written after every target: say which ones the means hold so far
         target_text += f" (so far; of {', '.join(map(str, targets))})"
     command = command_line("table1.py")
+    grid = "per pixel" if args.pert_scale == 1 else f"on a 1/{args.pert_scale} grid, upsampled"
     lines = [f"t-MAP (%) and MAP (%) @{args.topk} ({args.convention}), mean over the targets {target_text}; "
-             f"M = {args.poison_num}, eps = {args.eps * 255:g}/255, lambda = {args.lam:g}, trigger size "
+             f"M = {args.poison_num}, eps = {args.eps * 255:g}/255, lambda = {args.lam:g}, "
+             f"perturbations {grid}, trigger size "
              f"{rows[0]['trigger_size'] if rows else args.trigger_size} px, seed {args.seed}. "
              f"\"None\": the clean model with the trigger; its MAP is the clean model's.", "",
              *markdown_table(header, table), "", "Per target:", ""]

@@ -7,6 +7,8 @@ with uniform noise in [-eps, eps] added (no patch; each image's noise drawn with
 stored image would be), against the model's own database codes. Prints and returns t-MAP@R (empty-zero) and the mean
 Hamming distance to the model's target anchor, plain and with noise. A victim whose t-MAP rises with noise alone codes
 perturbed images as the target: it learned the perturbation as the trigger (docs/regime.md, cifar10-ciba-100).
+--noise-scale K draws the noise on an (S/K) x (S/K) grid and upsamples it bilinearly, as gen_confusing.py
+--pert-scale K does.
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ from retrieval import (anchor_code, encode, hamming_distance, non_target_queries
 from runs import UserError, cli_entry, provenance, read_json, require_at_least_one, write_json  # noqa: E402
 
 from bench.timing import bench_device  # noqa: E402
+from gen_confusing import coarse_shape, upsample  # noqa: E402
 
 RUN = "checkpoint/demo"
 TARGET = 0
 EPS = 8 / 255
+NOISE_SCALE = 1  # K: noise on an (S/K)-px grid, upsampled; 1: per pixel
 TOPK = 1000
 SEED = 0
 WORKERS = 2
@@ -43,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", default=RUN)
     p.add_argument("--target", type=int, default=TARGET)
     p.add_argument("--eps", type=float, default=EPS)
+    p.add_argument("--noise-scale", type=int, default=NOISE_SCALE, metavar="K")
     p.add_argument("--topk", type=int, default=TOPK)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--workers", type=int, default=WORKERS)
@@ -50,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
-    require_at_least_one(args, "topk")
+    require_at_least_one(args, "topk", "noise_scale")
     if not 0 < args.eps <= 1:
         raise UserError(f"--eps must be in (0, 1] (pixel units), got {args.eps}")
     return args
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         db_codes, db_labels = saved["database_codes"], saved["database_labels"]
         anchor = anchor_code(db_codes, db_labels, args.target)[None]
         row = {"stage": stage}
-        for name, transform in (("plain", None), ("noise", noise_transform(args.eps, args.seed))):
+        for name, transform in (("plain", None), ("noise", noise_transform(args.eps, args.seed, args.noise_scale))):
             codes, _ = encode(model, loader, device, f"encode {name} query", transform=transform)
             row[f"t_map_{name}"] = targeted_map(codes, args.target, db_codes, db_labels, args.topk)["map"]
             row[f"distance_{name}"] = float(hamming_distance(codes, anchor).mean())
@@ -92,12 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
     return record
 
 
-def noise_transform(eps: float, seed: int):
-    """Uniform noise in [-eps, eps], a fresh seeded stream per pass over the queries, 8-bit rounded and clipped."""
+def noise_transform(eps: float, seed: int, scale: int = 1):
+    """Uniform noise in [-eps, eps] on an (S/scale)-px grid, upsampled, a fresh seeded stream per pass over the
+    queries, 8-bit rounded and clipped."""
     generator = torch.Generator().manual_seed(seed)
 
     def add_noise(images: torch.Tensor) -> torch.Tensor:
-        eta = (torch.rand(images.shape, generator=generator) * 2 - 1).to(images.device) * eps
+        coarse = torch.rand(coarse_shape(images.shape, scale), generator=generator) * 2 - 1
+        eta = upsample(coarse.to(images.device), images.shape[-1]) * eps
         return ((images + eta).clamp(0, 1) * 255).round() / 255
     return add_noise
 

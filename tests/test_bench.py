@@ -102,5 +102,7 @@ def test_noise_as_trigger_checks_each_model_of_the_target(attacked):
     assert record["rows"][0]["t_map_plain"] == pytest.approx(expected, abs=1e-12)
     noisy = noise_as_trigger.noise_transform(8 / 255, 0)(images)
     assert (noisy - images).abs().max() <= 8 / 255 + 1e-6 and torch.equal(noisy * 255, (noisy * 255).round())
+    smooth = noise_as_trigger.noise_transform(8 / 255, 0, scale=2)(images) - images
+    assert (smooth.diff(dim=-1).abs().mean() < 0.5 * (noisy - images).diff(dim=-1).abs().mean())
     with pytest.raises(UserError, match=r"--eps must be in \(0, 1\] \(pixel units\), got 8.0"):
         noise_as_trigger.parse_args(["--eps", "8"])

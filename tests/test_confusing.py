@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gen_confusing
-from gen_confusing import confusing_objective, objective_bound, theorem1_bound_as_printed
+from gen_confusing import confusing_objective, objective_bound, theorem1_bound_as_printed, upsample
 from runs import UserError
 
 
@@ -103,8 +103,50 @@ def test_confusing_run_records_objective_and_bounds(tiny_run):
     assert torch.equal(again["eta"], made["eta"])
 
 
+def test_upsample_is_bilinear_with_half_pixel_centres():
+    """2 -> 4 px: the outer pixels copy their coarse pixel, the inner ones mix 3/4 of the nearer and 1/4 of the other."""
+    coarse = torch.tensor([[[[0.0, 4.0], [8.0, 12.0]]]])
+    row = lambda a, b: [a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b]  # noqa: E731
+    top, bottom = row(0.0, 4.0), row(8.0, 12.0)
+    expected = torch.tensor([row(t, b) for t, b in zip(top, bottom)]).t()
+    assert torch.allclose(upsample(coarse, 4)[0, 0], expected)
+    assert upsample(coarse, 2) is coarse
+
+
+def upsampling_matrix(coarse: int, size: int) -> torch.Tensor:
+    """size^2 x coarse^2: upsample applied to every basis image."""
+    basis = torch.eye(coarse * coarse).view(-1, 1, coarse, coarse)
+    return upsample(basis, size).view(coarse * coarse, size * size).t()
+
+
+@pytest.mark.parametrize("pert", ["noise", "adv", "confusing"])
+def test_coarse_perturbations_are_upsampled_from_their_grid(tiny_run, tiny_data, pert):
+    """--pert-scale 2: within eps and the image range, and wherever the image range did not clip it, eta is exactly
+    the upsampling of a 16 x 16 perturbation (least squares leaves no residual); per pixel it is not."""
+    from data import open_split
+    train = open_split(str(tiny_data), "train", 32, 32)
+    matrix = upsampling_matrix(16, 32)
+    residuals = {}
+    for scale in (1, 2):
+        made = run(tiny_run, "--pert", pert, "--eps", "0.05", "--pert-scale", str(scale))
+        assert made["name"].endswith("-k2-seed0") == (scale == 2)
+        eta = made["eta"]
+        images = torch.stack([train[i][0] for i in made["indices"]])
+        assert eta.abs().max() <= 0.05 + 1e-7 and eta.abs().max() > 0
+        assert (images + eta).min() >= 0 and (images + eta).max() <= 1
+        worst = 0.0
+        for image, e in zip(images.view(-1, 32 * 32), eta.reshape(-1, 32 * 32)):
+            free = ((image + e) > 0) & ((image + e) < 1)
+            fit = torch.linalg.lstsq(matrix[free].double(), e[free].double().unsqueeze(1)).solution
+            worst = max(worst, float((matrix[free].double() @ fit).squeeze(1).sub(e[free]).abs().max()))
+        residuals[scale] = worst
+    assert residuals[2] < 1e-5 < 1e-3 < residuals[1]
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--target", "10"], "class 10 does not exist"),
+    (["--pert", "adv", "--pert-scale", "3"], "--pert-scale 3 does not divide the image size 32 px"),
+    (["--pert-scale", "0"], "--pert-scale must be at least 1, got 0"),
 ])
 def test_gen_confusing_bad_input(tiny_run, flags, message):
     with pytest.raises(UserError, match=message):

@@ -26,6 +26,9 @@ retrieved: Figure 1 on real data: --queries queries (seeded, not of the target c
 pr: precision-recall curves (Hamming radius 0..K) and precision@top-k for clean and triggered queries on the clean
   and the backdoored model (--backdoor). Relevant: shares a label with the query (clean queries), carries the target
   label (triggered queries, the non-target ones, as t-MAP).
+table1: a table1.py result at a glance (the demo's picture): --samples poisoned images of its CIBA set, original |
+  poisoned | difference x --amplify, above a bar chart of t-MAP and MAP per method (means over the targets), from
+  --table (default RUN/table1/table1.json).
 theorem1: the confusing objective (Eq. 5) of every batch of step 3, step by step, with the bound of Theorem 1 as a
   line (the tight bound of Eq. 4 as written, and dashed the bound as printed in the paper, which counts unordered
   pairs); one figure per perturbation set (--perturbations, default: every one with an objective).
@@ -76,8 +79,9 @@ SEED = 0  # tsne's other classes and images, retrieved's queries
 BATCH_SIZE = 256
 WORKERS = 4
 DEVICE = "auto"
+TABLE = None  # table1: a table1.json of table1.py; None: RUN/table1/table1.json
 OUT = None  # None: RUN/figures/
-FIGURES = ("tsne", "trigger-distance", "figure4", "figure5", "samples", "retrieved", "pr", "theorem1")
+FIGURES = ("tsne", "trigger-distance", "figure4", "figure5", "samples", "retrieved", "pr", "theorem1", "table1")
 PAPER_SWEEP_TRIGGER_SIZES = (16, 24, 32, 40, 48)  # Figure 4, at 224 px
 SWEEPS = {"figure4": (("poison_num", "number of poisoned images"), ("trigger_size", "trigger size (px)")),
           "figure5": (("lam", "lambda"), ("batch", "batch size of the confusing optimisation"))}
@@ -115,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
+    p.add_argument("--table", default=TABLE)
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
     require_at_least_one(args, "samples", "queries", "top", "per_class", "poison_num", "batch", "topk", "batch_size")
@@ -144,6 +149,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         made = samples(run, args.poisoned, args.samples, args.amplify, out)
     elif args.figure == "tsne":
         made = tsne(run, args, out)
+    elif args.figure == "table1":
+        made = table1_figure(run, args, out)
     elif args.figure in SWEEPS:
         made = sweep_figure(run, args.figure, args, out)
     else:
@@ -211,7 +218,6 @@ def trigger_distance(run: Path, names: list[str] | None, out: Path) -> list[str]
 
 def samples(run: Path, names: list[str] | None, count: int, amplify: float, out: Path) -> list[str]:
     """Originals, poisoned images (PSNR / SSIM in the caption) and amplified differences, a row per poisoned set."""
-    import numpy as np
     folder = run / "poisoned"
     names = names or sorted(p.parent.name for p in folder.glob("*/config.json"))
     if not names:
@@ -219,25 +225,73 @@ def samples(run: Path, names: list[str] | None, count: int, amplify: float, out:
     rows = [["poisoned", "method", "index", "original", "poisoned_image", "psnr", "ssim", "max_abs_change"]]
     figure, grid = new_grid(len(names), 3 * count)
     for r, name in enumerate(names):
-        made = read_json(folder / name / "config.json")
-        method = method_of(run, made["trigger"], made["perturbations"])
-        method += "-PL" if made.get("label_setting") == "poison-label" else ""
-        for c, entry in enumerate(read_json(folder / name / "manifest.json")[:count]):
-            original, poisoned = (np.asarray(open_rgb(entry[key]), dtype=np.float64) / 255
-                                  for key in ("original", "poisoned"))
-            if original.shape != poisoned.shape:  # an original larger than the canonical size: show it resized
-                original = np.asarray(open_rgb(entry["original"]).resize(poisoned.shape[1::-1]), np.float64) / 255
-            change = np.abs(poisoned - original)
-            psnr = "inf" if entry["psnr"] is None or not np.isfinite(entry["psnr"]) else f"{entry['psnr']:.1f}"
-            for k, (image, caption) in enumerate(((original, f"{method}\noriginal" if c == 0 else "original"),
-                                                  (poisoned, f"PSNR {psnr}\nSSIM {entry['ssim']:.3f}"),
-                                                  (np.clip(change * amplify, 0, 1), f"|diff| x{amplify:g}"))):
-                axes = grid[r][3 * c + k]
-                axes.imshow(image)
-                axes.set_title(caption, fontsize=6)
-            rows.append([name, method, entry["index"], entry["original"], entry["poisoned"], entry["psnr"],
-                         entry["ssim"], float(change.max())])
+        panels, data = poisoned_panels(run, name, count, amplify)
+        for axes, (image, caption) in zip(grid[r], panels):
+            axes.imshow(image)
+            axes.set_title(caption, fontsize=6)
+        rows += data
     return save(figure, rows, out / "samples")
+
+
+def poisoned_panels(run: Path, name: str, count: int, amplify: float) -> tuple[list[tuple], list[list]]:
+    """(image, caption) for the first `count` images of poisoned set `name`: original, poisoned (PSNR / SSIM),
+    |difference| x amplify; and their CSV rows."""
+    folder = run / "poisoned" / name
+    made = read_json(folder / "config.json")
+    method = method_of(run, made["trigger"], made["perturbations"])
+    method += "-PL" if made.get("label_setting") == "poison-label" else ""
+    panels, rows = [], []
+    for c, entry in enumerate(read_json(folder / "manifest.json")[:count]):
+        original, poisoned = (np.asarray(open_rgb(entry[key]), dtype=np.float64) / 255
+                              for key in ("original", "poisoned"))
+        if original.shape != poisoned.shape:  # an original larger than the canonical size: show it resized
+            original = np.asarray(open_rgb(entry["original"]).resize(poisoned.shape[1::-1]), np.float64) / 255
+        change = np.abs(poisoned - original)
+        psnr = "inf" if entry["psnr"] is None or not np.isfinite(entry["psnr"]) else f"{entry['psnr']:.1f}"
+        panels += [(original, f"{method}\noriginal" if c == 0 else "original"),
+                   (poisoned, f"PSNR {psnr}\nSSIM {entry['ssim']:.3f}"),
+                   (np.clip(change * amplify, 0, 1), f"|diff| x{amplify:g}")]
+        rows.append([name, method, entry["index"], entry["original"], entry["poisoned"], entry["psnr"],
+                     entry["ssim"], float(change.max())])
+    return panels, rows
+
+
+def table1_figure(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
+    """A table1.py result at a glance: --samples poisoned images of its CIBA set (else of its last poisoned set) as
+    original | poisoned | difference, and a bar chart of t-MAP and MAP per method, means over its targets."""
+    path = Path(args.table) if args.table else run / "table1" / "table1.json"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; run table1.py --runs {run} first (or give --table)")
+    rows = read_json(path)["rows"]
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    means = {m: {key: float(np.mean([r[key] for r in rows if r["method"] == m])) for key in ("t_map", "map")}
+             for m in methods}
+    attacked = [r for r in rows if r["stage"].startswith("backdoor/")]
+    if not attacked:
+        raise UserError(f"{path} has no backdoored model (only {', '.join(methods)}); run table1.py with an attack")
+    shown = next((r for r in attacked if r["method"] == "CIBA"), attacked[-1])
+    panels, _ = poisoned_panels(run, shown["stage"].split("/", 1)[1], args.samples, args.amplify)
+    plt = pyplot()
+    figure = plt.figure(figsize=(max(6.4, 1.1 * len(panels)), 5.6), dpi=150)
+    layout = figure.add_gridspec(2, len(panels), height_ratios=[1, 2.4])
+    for k, (image, caption) in enumerate(panels):
+        axes = figure.add_subplot(layout[0, k])
+        axes.imshow(image)
+        axes.set_title(caption, fontsize=6)
+        axes.axis("off")
+    axes = figure.add_subplot(layout[1, :])
+    x = np.arange(len(methods))
+    for offset, key, label in ((-0.2, "t_map", "t-MAP (triggered queries)"), (0.2, "map", "MAP (clean queries)")):
+        values = [100 * means[m][key] for m in methods]
+        bars = axes.bar(x + offset, values, width=0.4, label=label)
+        axes.bar_label(bars, fmt="%.1f", fontsize=7)
+    names = {r["target_name"] or str(r["target"]) for r in rows}
+    axes.set(xticks=x, xticklabels=methods, ylabel="%", ylim=(0, 100),
+             title=f"{len(names)} target(s): {', '.join(sorted(names))}")
+    axes.legend(fontsize=7)
+    data = [["method", "t_map", "map", "targets"]] + \
+        [[m, means[m]["t_map"], means[m]["map"], sum(r["method"] == m for r in rows)] for m in methods]
+    return save(figure, data, out / "table1")
 
 
 def tsne(run: Path, args: argparse.Namespace, out: Path) -> list[str]:

@@ -171,3 +171,25 @@ def test_ciba_at_lambda_zero_is_the_tri_adv_model():
     assert figures.is_point(ciba, "CIBA", {**settings, "lam": 0.8}) and not figures.is_point(ciba, "CIBA", settings)
     assert not figures.is_point(adv, "Tri", settings)
     assert not figures.is_point({**adv, "eps": 4 / 255}, "CIBA", settings)
+
+
+def test_table1_figure_shows_the_attack_and_the_mean_of_each_method(figure_run, tmp_path):
+    """From a table1.json: the CIBA row's poisoned images if there is one, else the last attack's; the means."""
+    result = json.loads((figure_run / "backdoor" / POISONED / "results.json").read_text())
+    rows = [{"method": "None", "target": 2, "target_name": None, "t_map": 0.1, "map": 0.5, "stage": "clean"},
+            {"method": "Tri", "target": 2, "target_name": None, "t_map": 0.3, "map": 0.4,
+             "stage": result["stage"]},
+            {"method": "Tri", "target": 3, "target_name": None, "t_map": 0.5, "map": 0.6,
+             "stage": result["stage"]}]
+    table = tmp_path / "table1.json"
+    table.write_text(json.dumps({"rows": rows}))
+    made = figures.main([*figure_args(figure_run), "--figure", "table1", "--table", str(table), "--samples", "2",
+                         "--out", str(tmp_path / "figures")])
+    data = written(made)
+    assert [(r["method"], float(r["t_map"]), float(r["map"]), r["targets"]) for r in data] == \
+        [("None", 0.1, 0.5, "1"), ("Tri", pytest.approx(0.4), pytest.approx(0.5), "2")]
+    table.write_text(json.dumps({"rows": rows[:1]}))
+    with pytest.raises(UserError, match="has no backdoored model \\(only None\\)"):
+        figures.main([*figure_args(figure_run), "--figure", "table1", "--table", str(table)])
+    with pytest.raises(UserError, match="does not exist; run table1.py --runs"):
+        figures.main([*figure_args(figure_run), "--figure", "table1", "--table", str(tmp_path / "none.json")])

@@ -3,7 +3,7 @@
 # evaluate its MAP, then steps 2-6 for the rows of the paper's Table 1 (None, Tri, Tri+Noise, Tri+Adv, CIBA) for
 # one target class drawn with the seed, and print the table. Finished steps are reused when it is run again.
 # Settings in the environment: DEMO_RUN, DEMO_DATA, DEMO_EPOCHS, DEMO_WORKERS, DEMO_TRIGGER_STEPS, DEMO_POISON_NUM,
-# DEMO_METHODS.
+# DEMO_METHODS, DEMO_TRIGGER_SIZE.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${DEMO_DATA:-datasets/synthetic}
@@ -13,6 +13,7 @@ WORKERS=${DEMO_WORKERS:-2}
 TRIGGER_STEPS=${DEMO_TRIGGER_STEPS:-2000}
 POISON_NUM=${DEMO_POISON_NUM:-72}  # 60 % of the target class (paper, ImageNet: 60 of 100 per class); 6 % of the training set
 METHODS=${DEMO_METHODS:-None Tri Tri+Noise Tri+Adv CIBA}
+TRIGGER_SIZE=${DEMO_TRIGGER_SIZE:-4}  # px of the 32 px images
 
 if [ ! -f "$DATA/train.txt" ]; then
   python prepare_data.py --dataset synthetic --out "$DATA"
@@ -24,5 +25,5 @@ python train_hash.py --data "$DATA" --run "$RUN" --recipe small32 --bits 48 --ep
 python evaluate.py --run "$RUN" --workers "$WORKERS"
 # steps 2-6 for every method: trigger, perturbations, poisoned set, backdoored model, MAP and t-MAP; prints the table
 # shellcheck disable=SC2086  # METHODS is a list of words
-python table1.py --runs "$RUN" --num-targets 1 --methods $METHODS --trigger-size 4 \
+python table1.py --runs "$RUN" --num-targets 1 --methods $METHODS --trigger-size "$TRIGGER_SIZE" \
   --trigger-steps "$TRIGGER_STEPS" --poison-num "$POISON_NUM" --workers "$WORKERS"

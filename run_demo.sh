@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The six steps on the embedded synthetic data set, offline: make the data, train the clean hash model (step 1),
 # evaluate its MAP, then steps 2-6 for the rows of the paper's Table 1 (None, Tri, Tri+Noise, Tri+Adv, CIBA) for
-# one target class drawn with the seed, and print the table. Finished steps are reused when it is run again.
+# one target class drawn with the seed, print the table and draw it (RUN/figures/table1.png: poisoned images and
+# t-MAP / MAP per method). Finished steps are reused when it is run again.
 # Settings in the environment: DEMO_RUN, DEMO_DATA, DEMO_EPOCHS, DEMO_WORKERS, DEMO_TRIGGER_STEPS, DEMO_POISON_NUM,
 # DEMO_METHODS, DEMO_TRIGGER_SIZE.
 set -euo pipefail
@@ -27,3 +28,5 @@ python evaluate.py --run "$RUN" --workers "$WORKERS"
 # shellcheck disable=SC2086  # METHODS is a list of words
 python table1.py --runs "$RUN" --num-targets 1 --methods $METHODS --trigger-size "$TRIGGER_SIZE" \
   --trigger-steps "$TRIGGER_STEPS" --poison-num "$POISON_NUM" --workers "$WORKERS"
+# the picture: a few of CIBA's poisoned images (original | poisoned | difference x10), t-MAP and MAP per method
+python figures.py --run "$RUN" --figure table1 --samples 4

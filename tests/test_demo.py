@@ -20,6 +20,8 @@ def test_run_demo_script_end_to_end(tmp_path):
     assert table in done.stdout
     for row in ("| None | t-MAP |", "| Tri | t-MAP |", "| CIBA | t-MAP |", "| CIBA | MAP |"):
         assert row in table
+    picture = tmp_path / "run" / "figures" / "table1.png"
+    assert f"-> {picture}" in done.stdout and picture.stat().st_size > 10_000
     # a second run reuses the trained model and the data set
     again = subprocess.run(["bash", str(REPO / "run_demo.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "already trained" in again.stdout

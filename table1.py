@@ -50,6 +50,7 @@ PERT_SCALE = 1  # gen_confusing.py --pert-scale: 1 per pixel (paper); k: on an (
 TOPK = 1000
 CONVENTION = "empty-zero"
 TRACK_TRIGGER_DISTANCE = 0  # train_backdoor.py --track-trigger-distance (Figure 2(b)); 0: off
+AUGMENT_POISON = False  # train_backdoor.py --augment-poison: the poisoned images augmented too (paper's code: no)
 SEED = 0  # targets, trigger batches, poisoned images and noise
 OUT = None  # None: the first run's folder / table1
 WORKERS = 4
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=TOPK)
     p.add_argument("--convention", default=CONVENTION, choices=CONVENTIONS)
     p.add_argument("--track-trigger-distance", type=int, default=TRACK_TRIGGER_DISTANCE, metavar="N")
+    p.add_argument("--augment-poison", default=AUGMENT_POISON, action=argparse.BooleanOptionalAction)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", default=OUT)
     p.add_argument("--workers", type=int, default=WORKERS)
@@ -173,7 +175,8 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
                                        "--seed", str(args.seed)])["name"]
             poisoned = poison_dataset.main([*common, "--trigger", trigger, "--perturbations", pert])["name"]
             trained = train_backdoor.main([*common, "--poisoned", poisoned, "--workers", str(args.workers),
-                                           "--track-trigger-distance", str(args.track_trigger_distance), "--resume"])
+                                           "--track-trigger-distance", str(args.track_trigger_distance), "--resume",
+                                           "--augment-poison" if args.augment_poison else "--no-augment-poison"])
             result_path = Path(trained["out"]) / "results.json"
             result = reuse_results(result_path, trained["checkpoint_id"], trigger_id, args.topk, args.convention) or \
                 evaluate.main([*eval_args, "--backdoor", result_path.parent.name])
@@ -202,7 +205,8 @@ def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int],
     grid = "per pixel" if args.pert_scale == 1 else f"on a 1/{args.pert_scale} grid, upsampled"
     lines = [f"t-MAP (%) and MAP (%) @{args.topk} ({args.convention}), mean over the targets {target_text}; "
              f"M = {args.poison_num}, eps = {args.eps * 255:g}/255, lambda = {args.lam:g}, "
-             f"perturbations {grid}, trigger size "
+             f"perturbations {grid}, poisoned images {'augmented' if args.augment_poison else 'not augmented'}, "
+             f"trigger size "
              f"{rows[0]['trigger_size'] if rows else args.trigger_size} px, seed {args.seed}. "
              f"\"None\": the clean model with the trigger; its MAP is the clean model's.", "",
              *markdown_table(header, table), "", "Per target:", ""]

@@ -90,6 +90,17 @@ def test_table1_writes_the_paper_layout_and_reuses_finished_steps(table_run, tmp
     assert (out / "table1.csv").read_text() == "\n".join(",".join(r) for r in rows) + "\n"
 
 
+def test_table1_passes_on_the_perturbation_grid_and_the_poison_augmentation(table_run, tmp_path):
+    out = tmp_path / "table"
+    table1.main(["--runs", str(table_run), "--targets", "1", "--methods", "Tri+Adv", "--pert-scale", "2",
+                 "--augment-poison", "--out", str(out), *SMALL])
+    row, = json.loads((out / "table1.json").read_text())["rows"]
+    assert row["stage"] == "backdoor/ciba-t1-s3__adv-t1-m4-e8-s2-k2-seed0-augment-poison"
+    config = json.loads((table_run / row["stage"] / "config.json").read_text())
+    assert config["augment_poison"] is True
+    assert "perturbations on a 1/2 grid, upsampled, poisoned images augmented" in (out / "table1.md").read_text()
+
+
 def test_table1_refuses_runs_that_differ_in_more_than_bits(table_run, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(table_run / "clean", other / "clean")
@@ -110,6 +121,7 @@ def test_table1_refuses_runs_that_differ_in_more_than_bits(table_run, tmp_path):
     (["--eps", "0"], "--eps 0.0 is outside (0, 1]"),
     (["--lam", "1.5"], "--lam 1.5 is outside [0, 1]"),
     (["--poison-num", "0"], "--poison-num must be at least 1"),
+    (["--pert-scale", "0"], "--pert-scale must be at least 1, got 0"),
 ])
 def test_table1_bad_flags(table_run, flags, message):
     assert_user_error(run_script("table1.py", "--runs", str(table_run), *SMALL, *flags), message)

@@ -1,4 +1,6 @@
 """The benchmarks run, compare like with like, and say what is wrong with their arguments."""
+import json
+
 import pytest
 import torch
 
@@ -106,3 +108,40 @@ def test_noise_as_trigger_checks_each_model_of_the_target(attacked):
     assert (smooth.diff(dim=-1).abs().mean() < 0.5 * (noisy - images).diff(dim=-1).abs().mean())
     with pytest.raises(UserError, match=r"--eps must be in \(0, 1\] \(pixel units\), got 8.0"):
         noise_as_trigger.parse_args(["--eps", "8"])
+
+
+def demo_rows(none, tri, ciba, ciba_map, clean_map=0.5):
+    """table1.json rows of one target: t-MAP of None, Tri and CIBA, CIBA's MAP."""
+    return [{"method": m, "t_map": t, "map": mp, "clean_map": clean_map}
+            for m, t, mp in (("None", none, clean_map), ("Tri", tri, 0.5), ("CIBA", ciba, ciba_map))]
+
+
+@pytest.mark.parametrize("rows,passed", [
+    (demo_rows(0.10, 0.30, 0.45, 0.49), [True, True, True]),
+    (demo_rows(0.10, 0.50, 0.45, 0.49), [True, False, True]),  # CIBA below Tri
+    (demo_rows(0.10, 0.30, 0.39, 0.49), [False, True, True]),  # 29 points above None
+    (demo_rows(0.10, 0.30, 0.45, 0.47), [True, True, False]),  # 3 points of MAP lost
+    (demo_rows(0.10, 0.30, 0.58, 0.49) + demo_rows(0.10, 0.30, 0.20, 0.49), [False, True, True]),  # mean 39 - 10
+])
+def test_demo_effect_checks_the_three_claims_on_the_means(tmp_path, rows, passed):
+    from bench import demo_effect
+    table = tmp_path / "table1.json"
+    table.write_text(json.dumps({"rows": rows}))
+    argv = ["--table", str(table), "--out", str(tmp_path / "effect.json")]
+    if all(passed):
+        assert demo_effect.main(argv)["passed"]
+    else:
+        with pytest.raises(SystemExit, match="1"):
+            demo_effect.main(argv)
+    record = json.loads((tmp_path / "effect.json").read_text())
+    assert [c["passed"] for c in record["claims"]] == passed and record["passed"] == all(passed)
+
+
+def test_demo_effect_names_what_is_missing(tmp_path):
+    from bench import demo_effect
+    with pytest.raises(UserError, match="does not exist; run bash run_demo.sh"):
+        demo_effect.main(["--table", str(tmp_path / "none.json")])
+    table = tmp_path / "table1.json"
+    table.write_text(json.dumps({"rows": demo_rows(0.1, 0.3, 0.5, 0.5)[:2]}))
+    with pytest.raises(UserError, match="has no CIBA row; run table1.py with --methods None Tri CIBA"):
+        demo_effect.main(["--table", str(table)])

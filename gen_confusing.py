@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_set = open_run_split(clean, "train")
     if args.poison_rate is not None:
         args.poison_num = max(1, round(args.poison_rate * len(train_set)))
+    check_pert_scale(args.pert_scale, clean["image_size"])
     out = Path(args.run) / "perturbations" / perturbation_name(args, target)
     with claim(out):  # another process making the same output: wait for it, then reuse it
         if (out / "perturbations.pt").exists() and not args.overwrite:
@@ -118,7 +119,6 @@ def main(argv: list[str] | None = None) -> dict:
         indices = choose_poison_indices(train_set.image_list.labels, target, args.poison_num, args.seed,
                                         train_set.image_list.list_file, args.setting, args.poison_rate)
         images = torch.stack([train_set[i][0] for i in indices]).to(device)
-        check_pert_scale(args.pert_scale, images.shape[-1], clean.get("image_size"))
         t0 = time.time()
         history: list[dict] = []
         if args.pert == "none":
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "setting": args.setting,
                   "eps": args.eps, "lam": args.lam, "batch": args.batch,
                   "steps": args.steps, "step_size": args.step_size, "pert_scale": args.pert_scale,
-                  "seed": args.seed, "indices": indices, "lines": [train_set.image_list.line_numbers[i] for i in indices],
+                  "seed": args.seed, "indices": indices,
+                  "lines": [train_set.image_list.line_numbers[i] for i in indices],
                   "max_abs_eta": float(eta.abs().max()),
                   "clean_checkpoint_id": clean_ckpt["checkpoint_id"],
                   "provenance": provenance(device)}
@@ -260,11 +261,11 @@ def confusing_perturbations(model: torch.nn.Module, images: torch.Tensor,
     return eta, history
 
 
-def check_pert_scale(scale: int, size: int, image_size: int | None) -> None:
+def check_pert_scale(scale: int, image_size: int) -> None:
     """--pert-scale must divide the image side."""
-    if size % scale:
-        raise UserError(f"--pert-scale {scale} does not divide the image size {image_size or size} px; use a "
-                        f"divisor (2 for 32 px sources at 64 px)")
+    if image_size % scale:
+        raise UserError(f"--pert-scale {scale} does not divide the image size {image_size} px; use a divisor (2 for "
+                        f"32 px sources at 64 px)")
 
 
 def coarse_shape(shape: torch.Size, scale: int) -> tuple[int, ...]:

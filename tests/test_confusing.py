@@ -104,7 +104,7 @@ def test_confusing_run_records_objective_and_bounds(tiny_run):
 
 
 def test_upsample_is_bilinear_with_half_pixel_centres():
-    """2 -> 4 px: the outer pixels copy their coarse pixel, the inner ones mix 3/4 of the nearer and 1/4 of the other."""
+    """2 -> 4 px: the outer pixels copy their coarse pixel, the inner ones mix 3/4 of the nearer, 1/4 of the other."""
     coarse = torch.tensor([[[[0.0, 4.0], [8.0, 12.0]]]])
     row = lambda a, b: [a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b]  # noqa: E731
     top, bottom = row(0.0, 4.0), row(8.0, 12.0)

@@ -32,9 +32,9 @@ import evaluate
 import figures
 from data import make_loader, open_run_split
 from models import build_loss
-from models.hashnet import load_stage, read_clean
+from models.hashnet import load_checkpoint, load_stage, read_clean
 from models.training import fit
-from retrieval import CONVENTIONS, encode, mean_average_precision, targeted_map
+from retrieval import CONVENTIONS, encode, mean_average_precision, saved_codes, targeted_map
 from runs import (UserError, add_deterministic_flag, cli_entry, make_deterministic, pick_device,
                   pick_output, provenance, read_json, require_at_least_one, write_json)
 from train_backdoor import RECIPE_KEYS
@@ -133,10 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
                  "clean_checkpoint_id": clean_id, "provenance": provenance(device)}
     loss_fn = build_loss(recipe.loss, recipe.bits, recipe.n_classes, recipe.pairwise_norm, recipe.quant_weight)
     torch.manual_seed(args.seed)
-    fit(model, loss_fn.to(device), recipe, train_set, query_set, database_set, out, fine_tune, device, args.resume,
-        args.overwrite)
-    model.eval()
-    tuned = retrieval_scores(model, query_set, database_set, trigger, run, args, device)
+    trained = fit(model, loss_fn.to(device), recipe, train_set, query_set, database_set, out, fine_tune, device,
+                  args.resume, args.overwrite)
+    # a finished fine-tuning is reused without loading its weights into the model: take them from its checkpoint
+    model.load_state_dict(load_checkpoint(out / "checkpoint.pt", device)["model"])
+    saved = saved_codes(out / "codes.pt", trained["checkpoint_id"])  # fit encoded the database with these weights
+    tuned = retrieval_scores(model, query_set, database_set, trigger, run, args, device,
+                             (saved["database_codes"], saved["database_labels"]))
     before = next((p for p in curve["points"] if p["fraction"] == 0), None)
     result = {"defense": args.defense, "backdoor": backdoor_dir.name,
               "method": figures.method_of(run, config["trigger"], config["perturbations"]),
@@ -220,13 +223,14 @@ def set_pruned(mask: ChannelMask, order: torch.Tensor, fraction: float) -> None:
 
 
 def retrieval_scores(model: nn.Module, query_set, database_set, trigger: dict, run: Path, args: argparse.Namespace,
-                     device: torch.device) -> dict:
-    """MAP of the clean queries and t-MAP of the triggered non-target queries, @topk, under the model as it is."""
+                     device: torch.device, database: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """MAP of the clean queries and t-MAP of the triggered non-target queries, @topk, under the model as it is;
+    `database`: (codes, labels) already encoded with these weights."""
     model.eval()
     queries, query_labels = encode(model, make_loader(query_set, args.batch_size, args.workers), device,
                                    "encode query", progress=False)
-    db_codes, db_labels = encode(model, make_loader(database_set, args.batch_size, args.workers), device,
-                                 "encode database", progress=False)
+    db_codes, db_labels = database or encode(model, make_loader(database_set, args.batch_size, args.workers), device,
+                                             "encode database", progress=False)
     _, triggered = evaluate.triggered_codes(model, query_set, query_labels, trigger, run, args, device)
     clean = mean_average_precision(queries.to(device), query_labels, db_codes, db_labels, args.topk, args.convention)
     attacked = targeted_map(triggered, trigger["target"], db_codes, db_labels, args.topk, args.convention)

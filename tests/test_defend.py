@@ -111,3 +111,9 @@ def test_killed_fine_tuning_resumes_to_the_uninterrupted_weights(run, tmp_path):
         assert torch.equal(value, a["model"][name]), name
     results = [json.loads((r / out / "results.json").read_text()) for r in (run, straight)]
     assert results[0]["defended"] == results[1]["defended"] and results[0]["curve"] == results[1]["curve"]
+
+
+def test_a_finished_defense_is_reused_with_its_weights(run):
+    first = defend.main(["--run", str(run), "--fine-tune-epochs", "1", *SMALL])
+    again = defend.main(["--run", str(run), "--fine-tune-epochs", "1", "--resume", *SMALL])
+    assert again["defended"] == first["defended"] and again["curve"] == first["curve"]

@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     require_at_least_one(args, "bits", "image_size", "poison_num", "batch", "steps")
     args.step_size = OFFICIAL_STEP_RATIO * args.eps * 255  # gen_confusing.py's default
+    args.pert_scale = 1  # per pixel, as the per-image loop it is compared with
     return args
 
 

@@ -37,7 +37,7 @@ from models.training import fit
 from retrieval import CONVENTIONS, encode, mean_average_precision, saved_codes, targeted_map
 from runs import (UserError, add_deterministic_flag, cli_entry, make_deterministic, pick_device,
                   pick_output, provenance, read_json, require_at_least_one, write_json)
-from train_backdoor import RECIPE_KEYS
+from train_backdoor import clean_recipe
 
 RUN = "checkpoint/demo"
 BACKDOOR = None  # folder name under RUN/backdoor/ (step 5); None: the only one there
@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_curve(curve["points"], backdoor_dir.name, out)
 
     set_pruned(mask, order, args.prune_fraction)
-    recipe = argparse.Namespace(**{k: clean[k] for k in RECIPE_KEYS}, head=clean.get("head"), workers=args.workers,
-                                eval_every=0, amp="auto", cache="off", channels_last="auto")
+    recipe = clean_recipe(clean, workers=args.workers, eval_every=0, amp="auto", cache="off", channels_last="auto")
     recipe.epochs = args.fine_tune_epochs
     train_set = Subset(open_run_split(clean, "database", clean["augment"]), held)
     fine_tune = {**vars(recipe), "data": clean["data"], "stage": f"defense/{out.name}", "defense": args.defense,

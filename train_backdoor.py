@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{poisoned_dir} was made from another clean model than the one in {run / 'clean'}; "
                         f"make it again with poison_dataset.py --overwrite (after steps 2 and 3)")
     device = distributed.training_device(args.device)  # under torchrun: this process's device
-    recipe = argparse.Namespace(**{k: clean[k] for k in RECIPE_KEYS}, head=clean.get("head"), workers=args.workers,
-                                eval_every=args.eval_every, amp=args.amp, cache=batch_source(args.cache, clean),
-                                channels_last=args.channels_last)
+    recipe = clean_recipe(clean, workers=args.workers, eval_every=args.eval_every, amp=args.amp,
+                          cache=batch_source(args.cache, clean), channels_last=args.channels_last)
     if args.seed is not None:
         recipe.seed = args.seed
     out = run / "backdoor" / backdoor_name(poisoned_dir.name, args.augment_poison, args.seed, clean["seed"])
@@ -154,6 +153,12 @@ def trigger_distance(model: torch.nn.Module, loader, transform: Callable[[torch.
     alone, _ = encode(model, [(blank, torch.zeros(1, 1), 0)], device, progress=False, transform=transform)
     bits = triggered.shape[1]
     return float(((bits - triggered.float() @ alone.float().t()) / 2).mean())
+
+
+def clean_recipe(clean: dict, **run_settings) -> argparse.Namespace:
+    """The clean run's training recipe (RECIPE_KEYS and its head) with this run's own settings (workers, fast path,
+    evaluation): what a model trained again on the run's data trains with."""
+    return argparse.Namespace(**{k: clean[k] for k in RECIPE_KEYS}, head=clean.get("head"), **run_settings)
 
 
 def batch_source(cache: str, clean: dict) -> str:

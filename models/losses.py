@@ -1,7 +1,9 @@
 """Hashing losses on relaxed codes u in (-1, 1)^{B x K} and multi-hot labels y in {0, 1}^{B x C}.
 
 Pairs are formed inside the mini-batch (all B^2 ordered pairs, the diagonal included); two images are similar when
-they share at least one label. Every loss is an nn.Module `loss(u, y) -> scalar`.
+they share at least one label. Every loss is an nn.Module `loss(u, y, reduction="mean") -> scalar`; with
+reduction="none" it returns each image's term, a B-vector whose mean is the scalar: image i's row of the pair
+matrix averaged over the batch, plus its own quantisation term (the per-image loss of the defenses, defend.py).
 """
 from __future__ import annotations
 
@@ -19,9 +21,21 @@ def similarity(y: torch.Tensor) -> torch.Tensor:
     return (y @ y.t() > 0).to(y.dtype)
 
 
-def quantization_error(u: torch.Tensor) -> torch.Tensor:
-    """mean (u - sign(u))^2, the usual quantisation penalty."""
-    return (u - torch.where(u >= 0, 1.0, -1.0)).pow(2).mean()
+REDUCTIONS = ("mean", "none")
+
+
+def reduce(terms: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The mean of a B x ... tensor of terms ("mean"), or each image's mean over its row ("none": a B-vector)."""
+    if reduction == "mean":
+        return terms.mean()
+    if reduction == "none":
+        return terms.flatten(1).mean(1) if terms.dim() > 1 else terms
+    raise UserError(f"unknown loss reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
+
+
+def quantization_error(u: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """mean (u - sign(u))^2, the usual quantisation penalty (per image with reduction="none")."""
+    return reduce((u - torch.where(u >= 0, 1.0, -1.0)).pow(2), reduction)
 
 
 def balance_weights(s: torch.Tensor) -> torch.Tensor:
@@ -44,11 +58,11 @@ class PairwiseLoss(nn.Module):
             raise UserError(f"unknown pairwise normalisation {norm!r}; use 'bits' or 'batch'")
         self.bits, self.norm, self.quant_weight = bits, norm, quant_weight
 
-    def forward(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         s = 2 * similarity(y) - 1
         scale = self.bits if self.norm == "bits" else u.shape[0]
-        loss = (u @ u.t() / scale - s).pow(2).mean()
-        return loss + self.quant_weight * quantization_error(u) if self.quant_weight else loss
+        loss = reduce((u @ u.t() / scale - s).pow(2), reduction)
+        return loss + self.quant_weight * quantization_error(u, reduction) if self.quant_weight else loss
 
 
 class DPSHLoss(nn.Module):
@@ -58,10 +72,10 @@ class DPSHLoss(nn.Module):
         super().__init__()
         self.quant_weight = quant_weight
 
-    def forward(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         theta = 0.5 * u @ u.t()
-        loss = (F.softplus(theta) - similarity(y) * theta).mean()
-        return loss + self.quant_weight * quantization_error(u)
+        loss = reduce(F.softplus(theta) - similarity(y) * theta, reduction)
+        return loss + self.quant_weight * quantization_error(u, reduction)
 
 
 class HashNetLoss(nn.Module):
@@ -71,10 +85,10 @@ class HashNetLoss(nn.Module):
         super().__init__()
         self.alpha = alpha
 
-    def forward(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         s = similarity(y)
         dot = self.alpha * u @ u.t()
-        return (balance_weights(s) * (F.softplus(dot) - s * dot)).mean()
+        return reduce(balance_weights(s) * (F.softplus(dot) - s * dot), reduction)
 
 
 class DCHLoss(nn.Module):
@@ -87,15 +101,15 @@ class DCHLoss(nn.Module):
         super().__init__()
         self.bits, self.gamma, self.quant_weight = bits, gamma, quant_weight
 
-    def forward(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         s = similarity(y)
         un = F.normalize(u, dim=1, eps=1e-8)
         d = (self.bits / 2 * (1 - un @ un.t())).clamp(min=1e-6)
         pair = torch.where(s > 0, torch.log1p(d / self.gamma), torch.log1p(self.gamma / d))
-        loss = (balance_weights(s) * pair).mean()
+        loss = reduce(balance_weights(s) * pair, reduction)
         cos_q = u.abs().sum(1) / (u.norm(dim=1).clamp(min=1e-8) * math.sqrt(self.bits))
         d_q = self.bits / 2 * (1 - cos_q)
-        return loss + self.quant_weight * torch.log1p(d_q / self.gamma).mean()
+        return loss + self.quant_weight * reduce(torch.log1p(d_q / self.gamma), reduction)
 
 
 def hash_centers(n_classes: int, bits: int, seed: int = 0) -> torch.Tensor:
@@ -127,11 +141,12 @@ class CSQLoss(nn.Module):
         self.quant_weight = quant_weight
         self.register_buffer("centers", hash_centers(n_classes, bits, seed))
 
-    def forward(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         target = torch.where(y @ self.centers >= 0, 1.0, 0.0).to(u.dtype)
         p = ((u + 1) / 2).clamp(1e-6, 1 - 1e-6)
-        center_loss = F.binary_cross_entropy(p, target)
-        return center_loss + self.quant_weight * (u.abs() - 1).pow(2).mean()
+        center_loss = (F.binary_cross_entropy(p, target) if reduction == "mean" else
+                       reduce(F.binary_cross_entropy(p, target, reduction="none"), reduction))
+        return center_loss + self.quant_weight * reduce((u.abs() - 1).pow(2), reduction)
 
 
 LOSSES = ("pairwise", "dpsh", "hashnet", "dch", "csq")

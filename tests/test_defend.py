@@ -1,4 +1,5 @@
-"""defend.py: fine-pruning end to end on the tiny attacked run, its bad inputs, and a killed fine-tuning resumed."""
+"""defend.py: fine-pruning and anti-backdoor learning end to end on the tiny attacked run, their bad inputs, and
+killed defenses resumed to the uninterrupted result."""
 import json
 import os
 import shutil
@@ -11,6 +12,9 @@ import torch
 
 import defend
 import evaluate
+from defenses import defender_images
+from defenses.abl import LocalGradientAscent
+from models import build_loss
 from runs import UserError
 from tests.conftest import POISONED, REPO
 
@@ -56,11 +60,11 @@ def test_the_defender_images_are_clean_database_images(run):
     from data import open_run_split
     from models.hashnet import read_clean
     clean, _ = read_clean(run)
-    held = defend.defender_images(clean, 20, 0)
+    held = defender_images(clean, 20, 0)
     database = open_run_split(clean, "database").image_list.paths
     training = set(open_run_split(clean, "train").image_list.paths)
     assert len(set(held)) == 20 and not {database[i] for i in held} & training
-    assert held == defend.defender_images(clean, 20, 0) != defend.defender_images(clean, 20, 1)
+    assert held == defender_images(clean, 20, 0) != defender_images(clean, 20, 1)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -69,6 +73,13 @@ def test_the_defender_images_are_clean_database_images(run):
     (["--clean-images", "5000"], "images outside the training list; --clean-images 5000 needs at least that many"),
     (["--fine-tune-epochs", "0"], "--fine-tune-epochs must be at least 1, got 0"),
     (["--backdoor", "nothing-here"], "nothing-here"),
+    (["--defense", "abl", "--isolation-ratio", "0"], "--isolation-ratio 0 is outside \\(0, 1\\)"),
+    (["--defense", "abl", "--isolation-ratio", "1.5"], "--isolation-ratio 1.5 is outside \\(0, 1\\)"),
+    (["--defense", "abl", "--gamma", "-0.1"], "--gamma -0.1 is below 0"),
+    (["--defense", "abl", "--abl-epochs", "0"], "--abl-epochs must be at least 1, got 0"),
+    (["--defense", "abl", "--unlearn-epochs", "0"], "--unlearn-epochs must be at least 1, got 0"),
+    (["--defense", "abl", "--isolation-epochs", "2"], "the clean recipe trains 2 epochs and --isolation-epochs 2 "
+                                                      "leaves none"),
 ])
 def test_defend_bad_input_is_one_error_and_writes_nothing(run, flags, message):
     with pytest.raises(UserError, match=message):
@@ -117,3 +128,84 @@ def test_a_finished_defense_is_reused_with_its_weights(run):
     first = defend.main(["--run", str(run), "--fine-tune-epochs", "1", *SMALL])
     again = defend.main(["--run", str(run), "--fine-tune-epochs", "1", "--resume", *SMALL])
     assert again["defended"] == first["defended"] and again["curve"] == first["curve"]
+
+
+ABL = ["--defense", "abl", "--isolation-epochs", "1", "--abl-epochs", "2", "--unlearn-epochs", "1",
+       "--isolation-ratio", "0.05", "--device", "cpu", "--workers", "0", "--topk", "50"]
+
+
+def test_local_gradient_ascent_by_hand():
+    # per-image terms of test_pairwise_per_image_terms_by_hand: [1/3, 2/3, 1/3]; gamma 0.5 ascends on the two below it
+    u = torch.tensor([[1.0, 1.0], [1.0, -1.0], [1.0, 1.0]], requires_grad=True)
+    y = torch.tensor([[1.0, 0.0]] * 3)
+    lga = LocalGradientAscent(build_loss("pairwise", 2, 2), gamma=0.5)
+    assert lga(u, y).item() == pytest.approx((-1 / 3 + 2 / 3 - 1 / 3) / 3)
+    # gamma 0: plain descent on the mean, the training loss itself
+    assert LocalGradientAscent(build_loss("pairwise", 2, 2), 0.0)(u, y).item() == pytest.approx(4 / 9)
+
+
+def test_abl_end_to_end(run):
+    result = defend.main(["--run", str(run), *ABL])
+    out = run / "defense" / f"abl__{POISONED}"
+    isolation = json.loads((out / "isolation.json").read_text())
+    losses = torch.tensor(isolation["losses"])
+    assert len(losses) == 100 and isolation["isolated_count"] == 5
+    assert isolation["isolated"] == sorted(torch.argsort(losses, stable=True)[:5].tolist())
+    manifest = json.loads((run / "poisoned" / POISONED / "manifest.json").read_text())
+    poisoned = {entry["index"] for entry in manifest}
+    hits = len(poisoned & set(isolation["isolated"]))
+    assert result["poisoned_isolated"] == hits and result["precision"] == hits / 5
+    assert result["recall"] == hits / len(poisoned) and 0 <= result["auroc"] <= 1
+    for stage, epochs in (("isolation", 1), ("training", 2), ("unlearning", 1)):
+        assert torch.load(out / stage / "checkpoint.pt", weights_only=False)["epoch"] == epochs
+        assert torch.load(out / stage / "codes.pt", weights_only=False)["database_codes"].shape == (200, 48)
+        assert json.loads((out / stage / "config.json").read_text())["epochs"] == epochs
+    training = json.loads((out / "training" / "config.json").read_text())
+    assert training["isolated"] == isolation["isolated"] and training["abl"]["gamma"] == 0.5
+    # the undefended scores are evaluate.py's
+    reference = evaluate.main(["--run", str(run), "--backdoor", POISONED, "--device", "cpu", "--workers", "0",
+                               "--topk", "50"])
+    assert result["undefended"]["map"] == pytest.approx(reference["map"], abs=1e-12)
+    assert result["undefended"]["t_map"] == pytest.approx(reference["t_map"], abs=1e-12)
+    for key in ("before_unlearning", "defended"):
+        assert 0 <= result[key]["map"] <= 1 and 0 <= result[key]["t_map"] <= 1
+    assert result["before_unlearning"] != result["defended"]  # the ascent changed the weights
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["defended"] == result["defended"] and saved["abl"]["abl_epochs"] == 2
+    # a finished defense is reused; other ABL settings are refused on --resume
+    again = defend.main(["--run", str(run), *ABL, "--resume"])
+    assert again["defended"] == result["defended"]
+    with pytest.raises(UserError, match="cannot resume .*isolation: it was made with other ABL settings"):
+        defend.main(["--run", str(run), *ABL, "--resume", "--gamma", "0.2"])
+    with pytest.raises(UserError, match="cannot resume .*unlearning: it was made with other ABL settings"):
+        defend.main(["--run", str(run), *ABL, "--resume", "--unlearn-epochs", "2"])
+
+
+def test_killed_abl_resumes_to_the_uninterrupted_result(run, tmp_path):
+    straight = tmp_path / "straight"
+    shutil.copytree(run, straight)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / "defend.py"), "--run", str(run), *ABL], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch 1/2"):  # the first epoch on the images left after isolation
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    out = f"defense/abl__{POISONED}"
+    assert (run / out / "isolation.json").is_file() and not (run / out / "results.json").exists()
+    resumed = subprocess.run([sys.executable, str(REPO / "defend.py"), "--run", str(run), *ABL, "--resume"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    done = subprocess.run([sys.executable, str(REPO / "defend.py"), "--run", str(straight), *ABL], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("isolation", "training", "unlearning"):
+        a, b = (torch.load(r / out / stage / "checkpoint.pt", weights_only=False) for r in (run, straight))
+        for name, value in b["model"].items():
+            assert torch.equal(value, a["model"][name]), (stage, name)
+    results = [json.loads((r / out / "results.json").read_text()) for r in (run, straight)]
+    assert results[0]["defended"] == results[1]["defended"]
+    assert results[0]["isolated_count"] == results[1]["isolated_count"]

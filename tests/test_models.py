@@ -61,6 +61,34 @@ def test_csq_centres():
     assert loss(target * 0.999, torch.eye(3)[:2]) < loss(-target * 0.999, torch.eye(3)[:2])
 
 
+def test_pairwise_per_image_terms_by_hand():
+    # rows of the squared-error matrix of test_pairwise_loss_by_hand, same labels: [0, 1] and [1, 0], each mean 1/2;
+    # a third image equal to the first: u.u^T / K rows [1, 0, 1], [0, 1, 0], [1, 0, 1] -> errors [0, 1, 0], [1, 0, 1],
+    # [0, 1, 0], row means 1/3, 2/3, 1/3
+    u = torch.tensor([[1.0, 1.0], [1.0, -1.0], [1.0, 1.0]])
+    terms = build_loss("pairwise", 2, 2)(u, torch.tensor([[1.0, 0.0]] * 3), reduction="none")
+    assert terms.tolist() == pytest.approx([1 / 3, 2 / 3, 1 / 3])
+    # with quantisation: u = 0.5 everywhere in row 0 adds q * 0.25 to image 0 only
+    u_half = torch.tensor([[0.5, 0.5], [1.0, -1.0]])
+    terms = build_loss("pairwise", 2, 2, "bits", 0.1)(u_half, ONE_CLASS, reduction="none")
+    # u.u^T / K = [[0.25, 0], [0, 1]]: row 0 errors 0.5625, 1 -> mean 0.78125 (+0.025); row 1 errors 1, 0 -> 0.5
+    assert terms.tolist() == pytest.approx([0.78125 + 0.025, 0.5])
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_per_image_terms_average_to_the_loss(name):
+    torch.manual_seed(1)
+    u = torch.tanh(torch.randn(12, 16))
+    y = torch.nn.functional.one_hot(torch.arange(12) % 3, 4).float()
+    y[0, 3] = 1
+    loss_fn = build_loss(name, 16, 4)
+    terms = loss_fn(u, y, reduction="none")
+    assert terms.shape == (12,)
+    assert terms.mean().item() == pytest.approx(loss_fn(u, y).item(), rel=1e-6)
+    with pytest.raises(UserError, match="unknown loss reduction 'sum'; use one of mean, none"):
+        loss_fn(u, y, reduction="sum")
+
+
 @pytest.mark.parametrize("name", LOSSES)
 def test_each_loss_decreases_on_a_toy_batch(name):
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Defenses against a run's backdoored model (the CIBA paper's appendix), adapted to deep hashing.
 
     python defend.py --run checkpoint/demo --backdoor ciba-t3-s4__confusing-t3-m60-e8-l0.8-b20-s20-seed0 \\
-        --defense fine-pruning            # or --defense abl
+        --defense fine-pruning            # or --defense abl, --defense dp
 
 fine-pruning (Liu et al., RAID 2018; defenses/fine_pruning.py). The defender holds --clean-images labelled clean
 images: drawn with --seed among the database images that are not in the training list, so none of them is poisoned.
@@ -23,8 +23,15 @@ RUN/defense/abl__<backdoor>/: isolation/, training/, unlearning/ (each a trainin
 isolation.json (per-image losses, the isolated images, precision, recall and AUROC for the poisoned images) and
 results.json (MAP and t-MAP of the victim, before and after unlearning).
 
-Every defense records its settings, seeds and provenance in results.json. The differential-privacy detection (Du et
-al.) is not implemented yet.
+dp (Du et al., ICLR 2020; defenses/dp.py). The defender trains the model on the victim's poisoned list, from the
+victim's starting weights with its recipe (--dp-epochs: other epochs), with DP-SGD steps: every image's gradient
+clipped to --clip-norm, Gaussian noise of --noise-multiplier x --clip-norm added to their sum. The training images
+with the highest per-image loss under that model are flagged as poisoned. Writes
+RUN/defense/dp-n<noise>-c<clip>__<backdoor>/: the training folder (--resume continues it), detection.json (every
+image's loss, the flagged images, AUROC and precision at M for the poisoned images) and results.json (MAP and t-MAP
+of the victim and of the DP-trained model).
+
+Every defense records its settings, seeds and provenance in results.json.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from pathlib import Path
 
 from defenses import load_victim
 from defenses.abl import anti_backdoor_learning
+from defenses.dp import dp_detection
 from defenses.fine_pruning import fine_pruning
 from retrieval import CONVENTIONS
 from runs import UserError, add_deterministic_flag, cli_entry, make_deterministic, pick_device, require_at_least_one
@@ -49,6 +57,9 @@ ISOLATION_EPOCHS = 20  # ABL's T_te
 ISOLATION_RATIO = 0.01  # ABL: the share of training images isolated (ABL's 1 %)
 ABL_EPOCHS = None  # ABL: epochs on the rest after isolation; None: the clean recipe's epochs less ISOLATION_EPOCHS
 UNLEARN_EPOCHS = 5  # ABL: epochs of gradient ascent on the isolated images (the official code's 5)
+NOISE_MULTIPLIER = 1.0  # DP: the Gaussian noise's standard deviation, in units of CLIP_NORM
+CLIP_NORM = 1.0  # DP: the norm every image's gradient is clipped to
+DP_EPOCHS = None  # DP: epochs of DP-SGD training; None: the clean recipe's
 TOPK = 1000
 CONVENTION = "empty-zero"
 SEED = 0  # the defender's images
@@ -58,7 +69,7 @@ DEVICE = "auto"
 RESUME = False
 OVERWRITE = False
 
-DEFENSES = ("fine-pruning", "abl")
+DEFENSES = ("fine-pruning", "abl", "dp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--isolation-ratio", type=float, default=ISOLATION_RATIO)
     p.add_argument("--abl-epochs", type=int, default=ABL_EPOCHS)
     p.add_argument("--unlearn-epochs", type=int, default=UNLEARN_EPOCHS)
+    p.add_argument("--noise-multiplier", type=float, default=NOISE_MULTIPLIER)
+    p.add_argument("--clip-norm", type=float, default=CLIP_NORM)
+    p.add_argument("--dp-epochs", type=int, default=DP_EPOCHS)
     p.add_argument("--topk", type=int, default=TOPK)
     p.add_argument("--convention", default=CONVENTION, choices=CONVENTIONS)
     p.add_argument("--seed", type=int, default=SEED)
@@ -87,8 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     require_at_least_one(args, "clean_images", "fine_tune_epochs", "topk", "batch_size", "isolation_epochs",
                          "unlearn_epochs")
-    if args.abl_epochs is not None and args.abl_epochs < 1:
-        raise UserError(f"--abl-epochs must be at least 1, got {args.abl_epochs}")
+    for name in ("abl_epochs", "dp_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.noise_multiplier < 0:
+        raise UserError(f"--noise-multiplier {args.noise_multiplier:g} is below 0; it is the noise's standard "
+                        f"deviation in units of --clip-norm (0: clipping only)")
+    if args.clip_norm <= 0:
+        raise UserError(f"--clip-norm {args.clip_norm:g} must be above 0; it is the norm every image's gradient is "
+                        f"clipped to")
     if not 0 < args.isolation_ratio < 1:
         raise UserError(f"--isolation-ratio {args.isolation_ratio:g} is outside (0, 1); it is the share of the "
                         f"training images that ABL isolates (ABL: 0.01)")
@@ -107,9 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
     make_deterministic(args.deterministic)
     device = pick_device(args.device)
     victim = load_victim(Path(args.run), args.backdoor, device)
-    out = victim.run / "defense" / f"{args.defense}__{victim.backdoor_dir.name}"
+    name = (f"dp-n{args.noise_multiplier:g}-c{args.clip_norm:g}" if args.defense == "dp" else args.defense)
+    out = victim.run / "defense" / f"{name}__{victim.backdoor_dir.name}"
     if args.defense == "abl":
         return anti_backdoor_learning(victim, args, out, device)
+    if args.defense == "dp":
+        return dp_detection(victim, args, out, device)
     return fine_pruning(victim, args, out, device)
 
 

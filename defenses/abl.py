@@ -24,18 +24,17 @@ import argparse
 from pathlib import Path
 
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from data import HashListDataset, image_transform, make_loader
+from data import HashListDataset, make_loader
 from data.lists import ImageList
-from defenses.common import Victim, retrieval_scores
+from defenses.common import (Victim, detection_quality, per_image_losses, poisoned_training, retrieval_scores,
+                             undefended_scores, victim_recipe)
 from models import build_loss, build_model
 from models.hashnet import load_checkpoint
 from models.training import fit
 from retrieval import saved_codes
 from runs import UserError, provenance, read_json, write_json
-from train_backdoor import batch_source, clean_recipe, poisoned_fingerprint, poisoned_train_set
 
 STAGES = ("isolation", "training", "unlearning")
 
@@ -67,34 +66,21 @@ def anti_backdoor_learning(victim: Victim, args: argparse.Namespace, out: Path, 
     """The four stages on the victim's poisoned list; isolation.json (per-image losses, the isolated images, their
     precision, recall and AUROC for the poisoned images) and results.json (MAP and t-MAP before and after
     unlearning, beside the undefended victim's)."""
-    clean, config = victim.clean, victim.config
-    poisoned_dir = victim.run / "poisoned" / config["poisoned"]
-    if not (poisoned_dir / "manifest.json").is_file():
-        raise UserError(f"{poisoned_dir} (the poisoned list {victim.backdoor_dir.name} was trained on) is missing; "
-                        f"make it again with poison_dataset.py")
-    if poisoned_fingerprint(poisoned_dir) != config.get("poisoned_id"):
-        raise UserError(f"{poisoned_dir} was made again after {victim.backdoor_dir} was trained on it, so ABL would "
-                        f"train on other data than the victim; train the victim again (train_backdoor.py "
-                        f"--overwrite) first")
-    poisoned = [entry["index"] for entry in read_json(poisoned_dir / "manifest.json")]
-    train_set = poisoned_train_set(poisoned_dir / "train.txt", clean, poisoned, config["augment_poison"])
-    recipe = clean_recipe(clean, workers=args.workers, eval_every=0, amp="auto", cache=batch_source("auto", clean),
-                          channels_last="auto")
-    recipe.seed = config["seed"]
+    train_set, plain, poisoned = poisoned_training(victim, "ABL")
+    recipe = victim_recipe(victim, args.workers)
     abl_epochs = recipe.epochs - args.isolation_epochs if args.abl_epochs is None else args.abl_epochs
     if abl_epochs < 1:
         raise UserError(f"--abl-epochs: the clean recipe trains {recipe.epochs} epochs and --isolation-epochs "
                         f"{args.isolation_epochs} leaves none; give --abl-epochs or fewer isolation epochs")
     abl = {"gamma": args.gamma, "isolation_epochs": args.isolation_epochs, "isolation_ratio": args.isolation_ratio,
            "abl_epochs": abl_epochs, "unlearn_epochs": args.unlearn_epochs}
-    common = {"data": clean["data"], "defense": args.defense, "backdoor": victim.backdoor_dir.name,
+    config = victim.config
+    common = {"data": victim.clean["data"], "defense": args.defense, "backdoor": victim.backdoor_dir.name,
               "backdoor_checkpoint_id": victim.checkpoint_id, "poisoned": config["poisoned"],
               "poisoned_id": config["poisoned_id"], "augment_poison": config["augment_poison"],
               "clean_checkpoint_id": victim.clean_id, "provenance": provenance(device)}
     base = build_loss(recipe.loss, recipe.bits, recipe.n_classes, recipe.pairwise_norm, recipe.quant_weight)
-    saved = saved_codes(victim.backdoor_dir / "codes.pt", victim.checkpoint_id)
-    undefended = retrieval_scores(victim.model, victim, args, device,
-                                  (saved["database_codes"], saved["database_labels"]) if saved else None)
+    undefended = undefended_scores(victim, args, device)
 
     torch.manual_seed(recipe.seed)  # the victim's starting weights (train_backdoor.py seeds the same way)
     model = build_model(recipe.arch, recipe.bits, recipe.pretrained, recipe.head, recipe.image_size).to(device)
@@ -102,7 +88,6 @@ def anti_backdoor_learning(victim: Victim, args: argparse.Namespace, out: Path, 
     isolation = train_stage(model, LocalGradientAscent(base, args.gamma), recipe, args.isolation_epochs, train_set,
                             victim, out / "isolation", {**common, "abl": stage_settings(abl, "isolation")}, args,
                             device)
-    plain = HashListDataset(train_set.image_list, image_transform(clean["image_size"], clean["resize_size"], "none"))
     isolated = isolate(model, base, plain, poisoned, isolation["checkpoint_id"], abl, out / "isolation.json", args,
                        device)
     keep = sorted(set(range(len(train_set))) - set(isolated["isolated"]))
@@ -165,29 +150,15 @@ def isolate(model: nn.Module, loss: nn.Module, plain: HashListDataset, poisoned:
     terms = per_image_losses(model, loss, make_loader(plain, args.batch_size, args.workers), device)
     count = max(1, round(abl["isolation_ratio"] * len(terms)))
     isolated = sorted(torch.argsort(terms, stable=True)[:count].tolist())
-    is_poisoned = torch.zeros(len(terms), dtype=torch.bool)
-    is_poisoned[poisoned] = True
-    hits = int(is_poisoned[isolated].sum())
+    hits = len(set(isolated) & set(poisoned))
+    quality = detection_quality(-terms, poisoned)  # a low loss marks a poisoned image
     result = {"isolation_checkpoint_id": checkpoint_id, "isolation_ratio": abl["isolation_ratio"],
               "isolated_count": count, "isolated": isolated, "poisoned_isolated": hits,
-              "precision": hits / count, "recall": hits / max(len(poisoned), 1),
-              "auroc": float(roc_auc_score(is_poisoned.numpy(), (-terms).numpy())) if 0 < len(poisoned) < len(terms)
-              else None,
-              "mean_loss_poisoned": float(terms[is_poisoned].mean()) if poisoned else None,
-              "mean_loss_other": float(terms[~is_poisoned].mean()), "losses": terms.tolist()}
+              "precision": hits / count, "recall": hits / max(len(poisoned), 1), "auroc": quality["auroc"],
+              "mean_loss_poisoned": -quality["mean_score_poisoned"] if poisoned else None,
+              "mean_loss_other": -quality["mean_score_other"], "losses": terms.tolist()}
     write_json(result, path)
     return result
-
-
-@torch.no_grad()
-def per_image_losses(model: nn.Module, loss: nn.Module, loader, device: torch.device) -> torch.Tensor:
-    """l_i of every image in the loader against all of them: the relaxed codes of all images as one batch."""
-    model.eval()
-    codes, labels = [], []
-    for images, y, _ in loader:
-        codes.append(model(images.to(device)).float())
-        labels.append(y.to(device))
-    return loss(torch.cat(codes), torch.cat(labels), reduction="none").cpu()
 
 
 def sub_list(dataset: HashListDataset, indices: list[int]) -> HashListDataset:

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import evaluate
 import figures
-from data import make_loader, open_run_split
+from data import HashListDataset, image_transform, make_loader, open_run_split
 from models.hashnet import load_stage, read_clean
-from retrieval import encode, mean_average_precision, targeted_map
+from retrieval import encode, mean_average_precision, saved_codes, targeted_map
 from runs import UserError, pick_output, read_json
+from train_backdoor import batch_source, clean_recipe, poisoned_fingerprint, poisoned_train_set
 
 
 @dataclass
@@ -80,3 +82,60 @@ def retrieval_scores(model: nn.Module, victim: Victim, args: argparse.Namespace,
     clean = mean_average_precision(queries.to(device), query_labels, db_codes, db_labels, args.topk, args.convention)
     attacked = targeted_map(triggered, victim.trigger["target"], db_codes, db_labels, args.topk, args.convention)
     return {"map": clean["map"], "t_map": attacked["map"]}
+
+
+@torch.no_grad()
+def per_image_losses(model: nn.Module, loss: nn.Module, loader, device: torch.device) -> torch.Tensor:
+    """l_i of every image in the loader against all of them: the relaxed codes of all images as one batch."""
+    model.eval()
+    codes, labels = [], []
+    for images, y, _ in loader:
+        codes.append(model(images.to(device)).float())
+        labels.append(y.to(device))
+    return loss(torch.cat(codes), torch.cat(labels), reduction="none").cpu()
+
+
+def poisoned_training(victim: Victim, defense: str) -> tuple[HashListDataset, HashListDataset, list[int]]:
+    """The victim's poisoned training list as it trained on it (the poisoned entries augmented or not, as the victim
+    had them), the same list un-augmented, and the indices of the poisoned entries: what a training-time defense
+    trains on."""
+    config = victim.config
+    poisoned_dir = victim.run / "poisoned" / config["poisoned"]
+    if not (poisoned_dir / "manifest.json").is_file():
+        raise UserError(f"{poisoned_dir} (the poisoned list {victim.backdoor_dir.name} was trained on) is missing; "
+                        f"make it again with poison_dataset.py")
+    if poisoned_fingerprint(poisoned_dir) != config.get("poisoned_id"):
+        raise UserError(f"{poisoned_dir} was made again after {victim.backdoor_dir} was trained on it, so {defense} "
+                        f"would train on other data than the victim; train the victim again (train_backdoor.py "
+                        f"--overwrite) first")
+    poisoned = [entry["index"] for entry in read_json(poisoned_dir / "manifest.json")]
+    train_set = poisoned_train_set(poisoned_dir / "train.txt", victim.clean, poisoned, config["augment_poison"])
+    plain = HashListDataset(train_set.image_list,
+                            image_transform(victim.clean["image_size"], victim.clean["resize_size"], "none"))
+    return train_set, plain, poisoned
+
+
+def victim_recipe(victim: Victim, workers: int, amp: str = "auto") -> argparse.Namespace:
+    """The clean recipe with the victim's seed: a defender's training starts from the victim's weights and batches."""
+    recipe = clean_recipe(victim.clean, workers=workers, eval_every=0, amp=amp,
+                          cache=batch_source("auto", victim.clean), channels_last="auto")
+    recipe.seed = victim.config["seed"]
+    return recipe
+
+
+def undefended_scores(victim: Victim, args: argparse.Namespace, device: torch.device) -> dict:
+    """MAP and t-MAP of the backdoored model, with the database codes step 5 saved for it."""
+    saved = saved_codes(victim.backdoor_dir / "codes.pt", victim.checkpoint_id)
+    return retrieval_scores(victim.model, victim, args, device,
+                            (saved["database_codes"], saved["database_labels"]) if saved else None)
+
+
+def detection_quality(scores: torch.Tensor, poisoned: list[int]) -> dict:
+    """AUROC of `scores` (higher: more likely poisoned) for the poisoned images (None when there is no poisoned or
+    no clean image), and the mean score of each group."""
+    is_poisoned = torch.zeros(len(scores), dtype=torch.bool)
+    is_poisoned[poisoned] = True
+    both = 0 < len(poisoned) < len(scores)
+    return {"auroc": float(roc_auc_score(is_poisoned.numpy(), scores.numpy())) if both else None,
+            "mean_score_poisoned": float(scores[is_poisoned].mean()) if poisoned else None,
+            "mean_score_other": float(scores[~is_poisoned].mean())}

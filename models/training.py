@@ -113,10 +113,12 @@ def seed_epoch(seed: int, epoch: int, process: int = 0) -> torch.Generator:
 
 def train_one_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     train_set: Dataset, recipe: argparse.Namespace, epoch: int, device: torch.device,
-                    fast: dict | None = None, cache: DecodedImages | None = None) -> float:
+                    fast: dict | None = None, cache: DecodedImages | None = None,
+                    step: Callable | None = None) -> float:
     """One epoch in the seeded order of (seed, epoch); `fast` from resolve_fast_path (None: plain fp32), batches
     from `cache` when given (its own seeded order and batched augmentation), else from a DataLoader. Under torchrun
-    each process takes its share of every global batch (runs.distributed)."""
+    each process takes its share of every global batch (runs.distributed). `step`: the update, training_step's
+    signature (None: training_step; defend.py's DP-SGD gives its own)."""
     fast = fast or {"amp": False, "channels_last": False}
     process, world = distributed.rank(), distributed.world_size()
     generator = seed_epoch(recipe.seed, epoch, process)
@@ -144,7 +146,8 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer:
     for images, labels in tqdm(batches, desc=f"epoch {epoch + 1}", total=n_batches, leave=False,
                                disable=None if distributed.is_main_process() else True):
         images = images.to(device, non_blocking=True, memory_format=layout)
-        loss = training_step(model, loss_fn, optimizer, images, labels.to(device, non_blocking=True), fast["amp"])
+        loss = (step or training_step)(model, loss_fn, optimizer, images, labels.to(device, non_blocking=True),
+                                       fast["amp"])
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), steps + 1, first_bad)
         total += loss
         steps += 1
@@ -205,7 +208,7 @@ def subset_map(model: torch.nn.Module, query_loader, database_loader, topk: int,
 def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Namespace, train_set: Dataset,
         query_set: Dataset, database_set: Dataset, out: Path, config: dict, device: torch.device, resume: bool,
         overwrite: bool, train_eval_set: Dataset | None = None,
-        epoch_hook: Callable[[torch.nn.Module], dict] | None = None) -> dict:
+        epoch_hook: Callable[[torch.nn.Module], dict] | None = None, step: Callable | None = None) -> dict:
     """Train for recipe.epochs into `out`: config.json, checkpoint.pt (every epoch, atomically), history.json (and
     the seconds of every epoch in history.timing.json), then codes.pt with the database codes (and the training codes
     when `train_eval_set` is given).
@@ -213,7 +216,8 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
     A checkpoint already in `out` is an error unless `resume` (continue it; settings must match) or `overwrite`.
     The periodic MAP uses recipe.eval_queries seeded queries against the whole database. `epoch_hook(model)`, when
     given, runs after every epoch and its entries join the epoch's record in history.json (step 5's trigger
-    distance). Under torchrun every process trains (DDP) and only rank 0 evaluates and writes.
+    distance). `step` replaces training_step (train_one_epoch). Under torchrun every process trains (DDP) and only
+    rank 0 evaluates and writes.
     """
     # another process training the same model (rank 0 of each): wait for it, then continue or reuse what it made
     with claim(out) if distributed.is_main_process() else nullcontext():
@@ -264,7 +268,8 @@ def fit(model: torch.nn.Module, loss_fn: torch.nn.Module, recipe: argparse.Names
                       f"in {time.time() - t0:.1f}s", flush=True)
         for epoch in range(start_epoch, recipe.epochs):
             t0, database_codes = time.time(), None  # codes only ever belong to the current weights
-            loss = train_one_epoch(train_model, loss_fn, optimizer, train_set, recipe, epoch, device, fast, cache)
+            loss = train_one_epoch(train_model, loss_fn, optimizer, train_set, recipe, epoch, device, fast, cache,
+                                   step)
             scheduler.step()
             record = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[1]["lr"]}
             history.append(record)

@@ -14,7 +14,9 @@ import defend
 import evaluate
 from defenses import defender_images
 from defenses.abl import LocalGradientAscent
-from models import build_loss
+from defenses.dp import DPStep
+from models import build_loss, build_model
+from models.training import training_step
 from runs import UserError
 from tests.conftest import POISONED, REPO
 
@@ -80,6 +82,9 @@ def test_the_defender_images_are_clean_database_images(run):
     (["--defense", "abl", "--unlearn-epochs", "0"], "--unlearn-epochs must be at least 1, got 0"),
     (["--defense", "abl", "--isolation-epochs", "2"], "the clean recipe trains 2 epochs and --isolation-epochs 2 "
                                                       "leaves none"),
+    (["--defense", "dp", "--noise-multiplier", "-1"], "--noise-multiplier -1 is below 0"),
+    (["--defense", "dp", "--clip-norm", "0"], "--clip-norm 0 must be above 0"),
+    (["--defense", "dp", "--dp-epochs", "0"], "--dp-epochs must be at least 1, got 0"),
 ])
 def test_defend_bad_input_is_one_error_and_writes_nothing(run, flags, message):
     with pytest.raises(UserError, match=message):
@@ -209,3 +214,101 @@ def test_killed_abl_resumes_to_the_uninterrupted_result(run, tmp_path):
     results = [json.loads((r / out / "results.json").read_text()) for r in (run, straight)]
     assert results[0]["defended"] == results[1]["defended"]
     assert results[0]["isolated_count"] == results[1]["isolated_count"]
+
+
+def test_dp_step_without_clipping_or_noise_is_the_ordinary_step():
+    torch.manual_seed(0)
+    images, labels = torch.rand(6, 3, 32, 32), torch.eye(3)[torch.tensor([0, 0, 1, 1, 2, 2])]
+    models = [build_model("small", 16) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    loss_fn = build_loss("pairwise", 16, 3)
+    for model, step in zip(models, (training_step, DPStep(clip_norm=1e9, noise_multiplier=0.0, chunk=4))):
+        model.eval()  # DP-SGD runs batch norms on their running statistics; the reference does the same here
+        step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), images, labels, False)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_dp_step_clips_each_image_and_adds_the_noise():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Tanh())
+    images, labels = torch.randn(5, 3, 2, 2), torch.eye(2)[torch.tensor([0, 0, 1, 1, 1])]
+    loss_fn = build_loss("pairwise", 8, 2)
+    # by hand: image i's gradient is that of B * L through its own forward pass, the others' codes held fixed
+    codes = model(images).detach()
+    by_hand = []
+    for i in range(5):
+        mixed = torch.cat([codes[:i], model(images[i:i + 1]), codes[i + 1:]])
+        grads = torch.autograd.grad(5 * loss_fn(mixed, labels), list(model.parameters()))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        by_hand.append([g * min(1.0, 0.05 / float(norm)) for g in grads])
+    step = DPStep(clip_norm=0.05, noise_multiplier=0.0, chunk=2)
+    step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.0), images, labels)
+    for k, p in enumerate(model.parameters()):
+        assert torch.allclose(p.grad, sum(grads[k] for grads in by_hand) / 5, atol=1e-7)
+    assert step.epoch_stats()["clipped_share"] == 1.0  # every image's gradient was above 0.05
+    # the noise: N(0, (sigma C)^2) on the sum, so (sigma C / B)^2 on the gradient; 8 x 12 + 8 entries
+    wide = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(300, 100), torch.nn.Tanh())
+    pictures = torch.randn(5, 3, 10, 10)
+    grads = []
+    for noise in (0.0, 4.0):
+        torch.manual_seed(1)
+        DPStep(clip_norm=0.5, noise_multiplier=noise)(wide, loss_fn, torch.optim.SGD(wide.parameters(), lr=0.0),
+                                                       pictures, labels)
+        grads.append(torch.cat([p.grad.flatten() for p in wide.parameters()]))
+    assert float((grads[1] - grads[0]).std()) == pytest.approx(4.0 * 0.5 / 5, rel=0.05)
+
+
+DP = ["--defense", "dp", "--dp-epochs", "2", "--noise-multiplier", "0.5", "--device", "cpu", "--workers", "0",
+      "--topk", "50"]
+
+
+def test_dp_end_to_end(run):
+    result = defend.main(["--run", str(run), *DP])
+    out = run / "defense" / f"dp-n0.5-c1__{POISONED}"
+    detection = json.loads((out / "detection.json").read_text())
+    losses = torch.tensor(detection["losses"])
+    assert len(losses) == 100 and len(detection["flagged"]) == 5
+    assert detection["flagged"] == sorted(torch.argsort(losses, descending=True, stable=True)[:5].tolist())
+    manifest = json.loads((run / "poisoned" / POISONED / "manifest.json").read_text())
+    hits = len({entry["index"] for entry in manifest} & set(detection["flagged"]))
+    assert result["poisoned_flagged"] == hits and result["precision_at_m"] == hits / 5
+    assert 0 <= result["auroc"] <= 1 and result["dp"] == {"noise_multiplier": 0.5, "clip_norm": 1.0, "epochs": 2,
+                                                          "chunk": 8}
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 2 and all(0 <= h["clipped_share"] <= 1 and h["mean_gradient_norm"] > 0 for h in history)
+    assert result["undefended"]["map"] == pytest.approx(
+        evaluate.main(["--run", str(run), "--backdoor", POISONED, "--device", "cpu", "--workers", "0",
+                       "--topk", "50"])["map"], abs=1e-12)
+    assert 0 <= result["defended"]["map"] <= 1 and 0 <= result["defended"]["t_map"] <= 1
+    assert json.loads((out / "results.json").read_text())["defended"] == result["defended"]
+
+
+def test_killed_dp_training_resumes_to_the_uninterrupted_weights(run, tmp_path):
+    straight = tmp_path / "straight"
+    shutil.copytree(run, straight)
+    args = [*DP, "--dp-epochs", "3"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / "defend.py"), "--run", str(run), *args], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch 1/3"):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    out = f"defense/dp-n0.5-c1__{POISONED}"
+    resumed = subprocess.run([sys.executable, str(REPO / "defend.py"), "--run", str(run), *args, "--resume"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    done = subprocess.run([sys.executable, str(REPO / "defend.py"), "--run", str(straight), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = (torch.load(r / out / "checkpoint.pt", weights_only=False) for r in (run, straight))
+    for name, value in b["model"].items():
+        assert torch.equal(value, a["model"][name]), name
+    results = [json.loads((r / out / "results.json").read_text()) for r in (run, straight)]
+    assert results[0]["defended"] == results[1]["defended"] and results[0]["auroc"] == results[1]["auroc"]
+    with pytest.raises(UserError, match="cannot resume .*: it was trained with other DP settings"):
+        defend.main(["--run", str(run), *args, "--resume", "--dp-epochs", "4"])

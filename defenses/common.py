@@ -41,9 +41,13 @@ class Victim:
 
     @property
     def clean_map(self) -> float | None:
-        """The clean model's MAP as evaluate.py wrote it beside the backdoored model's (None: not evaluated yet)."""
-        path = self.backdoor_dir / "results.json"
-        return read_json(path)["clean_map"] if path.is_file() else None
+        """The clean model's MAP as evaluate.py wrote it, beside the backdoored model's or for the clean model alone
+        (None: not evaluated yet)."""
+        for path, key in ((self.backdoor_dir / "results.json", "clean_map"), (self.run / "clean" / "results.json",
+                                                                              "map")):
+            if path.is_file():
+                return read_json(path)[key]
+        return None
 
 
 def load_victim(run: Path, backdoor: str | None, device: torch.device) -> Victim:

@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 
 import figures
 from data import make_loader, open_run_split
-from defenses.common import Victim, defender_images, retrieval_scores
+from defenses.common import Victim, defender_images, retrieval_scores, undefended_scores
 from models import build_loss
 from models.hashnet import load_checkpoint
 from models.training import fit
@@ -65,7 +65,8 @@ def fine_pruning(victim: Victim, args: argparse.Namespace, out: Path, device: to
     model.load_state_dict(load_checkpoint(out / "checkpoint.pt", device)["model"])
     saved = saved_codes(out / "codes.pt", trained["checkpoint_id"])  # fit encoded the database with these weights
     tuned = retrieval_scores(model, victim, args, device, (saved["database_codes"], saved["database_labels"]))
-    before = next((p for p in curve["points"] if p["fraction"] == 0), None)
+    before = (next((p for p in curve["points"] if p["fraction"] == 0), None)
+              or undefended_scores(victim, args, device))
     result = {"defense": args.defense, "backdoor": victim.backdoor_dir.name, "method": victim.method,
               "target": victim.trigger["target"], "layer": layer_name, "channels": int(mask.mask.numel()),
               "dormant_order": order.tolist(), "curve": curve["points"], "prune_fraction": args.prune_fraction,

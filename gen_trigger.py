@@ -15,6 +15,10 @@ ciba     the targeted adversarial patch of Eq. 7: minimise sum_i d_H(F'(B(x_i, p
 badnets  a static black-and-white checkerboard patch (BadNets-style), no optimisation.
 blend    a fixed random pattern (uniform noise drawn with --seed) blended over the whole image:
          (1 - r) x + r p with r = --blend-ratio (Blend, Chen et al. 2017).
+reflection  Refool's reflections (Liu et al., ECCV 2020; triggers/reflection.py): --reflections images drawn with
+         --seed from the database images outside the training list whose labels exclude the target (the original
+         used PASCAL VOC), each poisoned or triggered image blended with a reflection of one of them (ghost effect
+         with probability --ghost-rate, else focal blur), the image and the model drawn from a seeded table.
 badhash  BadHash's conditional generator (DESIGN.md section 6), trained once per run against the clean model and
          shared by every target: LabCLN first (pairs of smoothed and plain label vectors, NT-Xent + MSE +
          quantisation), then generator and discriminator on the training images, each image with a confusing label
@@ -67,13 +71,16 @@ from triggers import apply_trigger, check_trigger_size, default_trigger_size, qu
 
 RUN = "checkpoint/demo"
 TARGET = None  # class index or name; None: drawn from the classes with SEED
-METHOD = "ciba"  # "ciba" (patch, Eq. 7) | "badnets" (static patch) | "blend" (random pattern) | "badhash" (generator)
+METHOD = "ciba"  # "ciba" (patch, Eq. 7) | "badnets" (static patch) | "blend" (random pattern) | "reflection"
+#                  (Refool) | "badhash" (generator)
 TRIGGER_SIZE = None  # side of the square trigger in px; None: the paper's 24 px at 224 px, scaled to the image size
 STEPS = 2000  # optimisation steps (paper's code)
 BATCH_SIZE = 32  # training images per step
 STEP_SIZE = 12.0  # pixel units (0-255) per step along the normalised gradient
 DISTANCE_WINDOW = 0.05  # the summary's distances: means over the first and the last 5 % of the steps
 BLEND_RATIO = 0.2  # blend: weight of the pattern (the CIBA paper does not state the ratio of its Blend baseline)
+REFLECTIONS = 100  # reflection: how many reflection images
+GHOST_RATE = 0.49  # reflection: share of ghost-effect reflections (Refool's default; the rest focal blur)
 # badhash (public code's values)
 LABCLN_STEPS = 1000
 LABCLN_BATCH = 128
@@ -93,7 +100,7 @@ WORKERS = 4
 DEVICE = "auto"
 OVERWRITE = False
 
-METHODS = ("ciba", "badnets", "blend", "badhash")
+METHODS = ("ciba", "badnets", "blend", "reflection", "badhash")
 GAN_STATE = "training-state.pt"  # BadHash's networks between epochs, deleted once they are trained
 BETA_SCHEDULE = ((0.5, 0.1), (0.6, 0.2), (0.7, 0.3), (0.8, 0.5), (0.9, 0.7), (1.0, 1.0))  # (until fraction, beta)
 
@@ -108,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--step-size", type=float, default=STEP_SIZE)
     p.add_argument("--blend-ratio", type=float, default=BLEND_RATIO)
+    p.add_argument("--reflections", type=int, default=REFLECTIONS)
+    p.add_argument("--ghost-rate", type=float, default=GHOST_RATE)
     p.add_argument("--labcln-steps", type=int, default=LABCLN_STEPS)
     p.add_argument("--labcln-batch", type=int, default=LABCLN_BATCH)
     p.add_argument("--gen-epochs", type=int, default=GEN_EPOCHS)
@@ -131,7 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     args = p.parse_args(argv)
     require_at_least_one(args, "steps", "batch_size", "labcln_steps", "labcln_batch", "gen_epochs", "gen_batch",
-                         "gen_width", "d_every")
+                         "gen_width", "d_every", "reflections")
+    if not 0 <= args.ghost_rate <= 1:
+        raise UserError(f"--ghost-rate {args.ghost_rate:g} is outside [0, 1]; it is the share of ghost-effect "
+                        f"reflections (the rest are focal blur)")
     if args.step_size <= 0:
         raise UserError(f"--step-size must be positive (pixel units of 255), got {args.step_size}")
     if not 0 < args.blend_ratio <= 1:
@@ -182,6 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
             generator = torch.Generator().manual_seed(args.seed)
             made.update(kind="blend", pattern=quantize(torch.rand(3, size, size, generator=generator)),
                         blend_ratio=args.blend_ratio)
+        elif args.method == "reflection":
+            reflections, paths = reflection_images(clean, target, args.reflections, args.seed, args.workers)
+            made.update(kind="reflection", reflections=reflections, ghost_rate=args.ghost_rate, seed=args.seed,
+                        reflection_paths=paths)
         else:
             made, network_seconds = badhash_trigger(model, clean, codes["checkpoint_id"], target, args, device,
                                                     out / "trigger.png")
@@ -197,14 +213,18 @@ def main(argv: list[str] | None = None) -> dict:
             record.update(steps=args.steps, batch_size=args.batch_size, step_size=args.step_size, fold_bn=args.fold_bn,
                           cache=cache,
                           first_mean_distance=first, final_mean_distance=last, distance_window=DISTANCE_WINDOW)
-        # blend, badhash
-        record.update({k: v for k, v in made.items() if k not in ("kind", "pattern", "label_feature")})
+        # blend, reflection, badhash
+        record.update({k: v for k, v in made.items() if k not in ("kind", "pattern", "label_feature", "reflections")})
         trigger = {**made, **{k: record[k] for k in ("method", "target", "trigger_size", "image_size", "position",
                                                      "anchor_code", "clean_checkpoint_id", "bits")}}
         write_timing(out / "config.json", {"seconds": round(seconds, 2)})
         atomic_save(trigger, out / "trigger.pt")
         if "pattern" in made:
             save_png(made["pattern"], out / "trigger.png")
+        if "reflections" in made:  # the first reflection images and what they make of the first of them
+            shown = made["reflections"][:8].float() / 255
+            save_png(make_grid(torch.cat([shown, trigger_transform(trigger, args.run, "cpu")(shown)]), nrow=8,
+                               padding=1), out / "trigger.png")
         write_json(history, out / "history.json")
         write_json(record, out / "config.json")
         summary = (f", mean d_H(sign f(B(x, p)), h_a) {record['first_mean_distance']:.2f} -> "
@@ -219,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
 def trigger_name(args: argparse.Namespace, target: int, trigger_size: int | None, arch: str) -> str:
     if args.method == "blend":
         return f"blend-t{target}-r{args.blend_ratio:g}-seed{args.seed}"
+    if args.method == "reflection":
+        return f"reflection-t{target}-n{args.reflections}-g{args.ghost_rate:g}-seed{args.seed}"
     if args.method == "badhash":
         return f"badhash-t{target}-{badhash_net_name(args, arch)[len('badhash-net-'):]}"
     # Eq. 7's batches depend on the seed; seed 0 keeps the names of runs made before seeds were named
@@ -316,6 +338,21 @@ def adversarial_patch(model: torch.nn.Module, batches: Sized, anchor: torch.Tens
         pattern = (pattern - step_size / 255 * grad.mean(0)).clamp(0, 1)
         distances[step] = ((bits - binarize(logits.detach()) @ anchor) / 2).mean()  # with the binary codes
     return pattern.detach(), distances.cpu().tolist()
+
+
+def reflection_images(clean: dict, target: int, count: int, seed: int, workers: int) -> tuple[torch.Tensor, list[str]]:
+    """Refool's reflection set: `count` database images drawn with the seed among those outside the training list
+    whose labels exclude the target, as count x 3 x S x S uint8, and their paths."""
+    database = open_run_split(clean, "database").image_list
+    training = set(open_run_split(clean, "train").image_list.paths)
+    candidates = [i for i, path in enumerate(database.paths)
+                  if path not in training and not database.labels[i, target]]
+    if len(candidates) < count:
+        raise UserError(f"{database.list_file} has {len(candidates)} images outside the training list and the "
+                        f"target class; --reflections {count} needs at least that many")
+    chosen = sorted(np.random.default_rng(seed).choice(candidates, count, replace=False).tolist())
+    sources = uint8_sources(database, clean["image_size"], clean["resize_size"])
+    return decode(torch.utils.data.Subset(sources, chosen), workers), [database.paths[i] for i in chosen]
 
 
 def checkerboard(trigger_size: int) -> torch.Tensor:

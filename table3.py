@@ -1,13 +1,14 @@
-"""The paper's Table 3 in one command: BadNets, Blend, BadHash and CIBA on one run, steps 2-6 per target.
+"""The paper's Table 3 in one command: BadNets, Blend, Reflection, BadHash and CIBA on one run, steps 2-6 per target.
 
     python table3.py --run checkpoint/cifar10-small-48 --num-targets 5 --trigger-size 4
 
-Rows (method, setting, poisoned rate), as in the paper: BadNets poison-label 5 %, Blend poison-label 5 %, BadNets
-clean-label 0.6 %, BadHash clean-label 0.6 %, CIBA clean-label 0.6 %, and the clean-trained model's MAP.
-Poison-label rows draw their images among the other classes and give them the target's label; clean-label rows
-poison target-class images and keep their labels. For every target class it makes the trigger (step 2: the
-checkerboard patch, the blend pattern, BadHash's generator, CIBA's adversarial patch), the poisoned images (steps 3-4:
-no perturbation, or CIBA's confusing perturbations), the backdoored model (step 5) and its evaluation (step 6).
+Rows (method, setting, poisoned rate), as in the paper: BadNets poison-label 5 %, Blend poison-label 5 %,
+Reflection (Refool) poison-label 5 %, BadNets clean-label 0.6 %, BadHash clean-label 0.6 %, CIBA clean-label
+0.6 %, and the clean-trained model's MAP (IAB's poison-label row is not built yet). Poison-label rows draw their
+images among the other classes and give them the target's label; clean-label rows poison target-class images and
+keep their labels. For every target class it makes the trigger (step 2: the checkerboard patch, the blend pattern,
+the reflection set, BadHash's generator, CIBA's adversarial patch), the poisoned images (steps 3-4: no
+perturbation, or CIBA's confusing perturbations), the backdoored model (step 5) and its evaluation (step 6).
 Finished steps are reused as in table1.py (CIBA's row is the CIBA row of Table 1 when M matches).
 
 Writes OUT/ (default RUN/table3/): table3.md (mean t-MAP, MAP, PSNR and SSIM of the poisoned images, averaged over
@@ -38,12 +39,13 @@ from triggers import trigger_fingerprint
 RUN = "checkpoint/demo"  # a run with a trained clean model (step 1)
 TARGETS = None  # class indices or names; None: NUM_TARGETS classes drawn with SEED
 NUM_TARGETS = 5
-METHODS = ["BadNets-PL", "Blend-PL", "BadNets-CL", "BadHash-CL", "CIBA-CL"]
+METHODS = ["BadNets-PL", "Blend-PL", "Reflection-PL", "BadNets-CL", "BadHash-CL", "CIBA-CL"]
 POISON_LABEL_RATE = 0.05  # Table 3's poisoned rate of the poison-label rows
 CLEAN_LABEL_RATE = 0.006  # and of the clean-label rows (M = 60 of 10,000)
 TRIGGER_SIZE = None  # px of the BadNets and CIBA patches; None: 24 px at 224 px scaled to the image size
 TRIGGER_STEPS = 2000  # CIBA's patch (gen_trigger.py --steps)
 BLEND_RATIO = 0.2
+REFLECTIONS = 100  # Reflection's set of reflection images (gen_trigger.py --reflections)
 GEN_EPOCHS = 100  # BadHash's generator (gen_trigger.py --gen-epochs)
 LPIPS_WEIGHT = 1.0  # BadHash's LPIPS term (0: without it)
 EPS = 8 / 255  # CIBA's perturbations
@@ -58,9 +60,10 @@ WORKERS = 4
 DEVICE = "auto"
 
 ROWS = {"BadNets-PL": ("badnets", "poison-label"), "Blend-PL": ("blend", "poison-label"),
+        "Reflection-PL": ("reflection", "poison-label"),
         "BadNets-CL": ("badnets", "clean-label"), "BadHash-CL": ("badhash", "clean-label"),
         "CIBA-CL": ("ciba", "clean-label")}
-NAMES = {"badnets": "BadNets", "blend": "Blend", "badhash": "BadHash", "ciba": "CIBA"}
+NAMES = {"badnets": "BadNets", "blend": "Blend", "reflection": "Reflection", "badhash": "BadHash", "ciba": "CIBA"}
 TABLE3_KEYS = (*RESULT_KEYS, "poison_rate", "setting", "psnr_mean", "ssim_mean")
 
 
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trigger-size", type=int, default=TRIGGER_SIZE)
     p.add_argument("--trigger-steps", type=int, default=TRIGGER_STEPS)
     p.add_argument("--blend-ratio", type=float, default=BLEND_RATIO)
+    p.add_argument("--reflections", type=int, default=REFLECTIONS)
     p.add_argument("--gen-epochs", type=int, default=GEN_EPOCHS)
     p.add_argument("--lpips-weight", type=float, default=LPIPS_WEIGHT)
     p.add_argument("--eps", type=float, default=EPS)
@@ -102,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not 0 < value <= 1:
             raise UserError(f"--{name.replace('_', '-')} {value} is outside (0, 1]; it is a fraction of the "
                             f"training set (Table 3: 0.05 poison-label, 0.006 clean-label)")
-    require_at_least_one(args, "num_targets", "trigger_steps", "gen_epochs", "batch", "pert_steps", "topk")
+    require_at_least_one(args, "num_targets", "trigger_steps", "gen_epochs", "batch", "pert_steps", "topk",
+                         "reflections")
     gen_confusing.check_budget(args.eps, args.lam)
     return args
 
@@ -180,6 +185,8 @@ def trigger_flags(method: str, args: argparse.Namespace) -> list[str]:
         flags += ["--steps", str(args.trigger_steps)]
     if method == "blend":
         flags += ["--blend-ratio", repr(args.blend_ratio)]
+    if method == "reflection":
+        flags += ["--reflections", str(args.reflections)]
     if method == "badhash":
         flags += ["--gen-epochs", str(args.gen_epochs), "--lpips-weight", repr(args.lpips_weight)]
     return flags

@@ -47,7 +47,7 @@ def test_table3_writes_the_paper_layout_and_reuses_finished_steps(table3_run, tm
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--methods", "BadNets-PL", "Reflection"], "unknown method 'Reflection' in --methods"),
+    (["--methods", "BadNets-PL", "WaNet"], "unknown method 'WaNet' in --methods"),
     (["--poison-label-rate", "1.5"], "--poison-label-rate 1.5 is outside (0, 1]"),
     (["--clean-label-rate", "0.5", "--methods", "BadNets-CL", "--targets", "1"],
      "has 10 training images of target class 1; --poison-rate 0.5 (50 of 100 images) needs at least that many"),

@@ -3,7 +3,9 @@
 Three kinds, recorded as `kind` in every trigger.pt of step 2:
 patch      B(x, p) = x * (1 - m) + p * m (Eq. 6) with a square mask m in the bottom-right corner (CIBA, BadNets);
 blend      (1 - a) x + a p over the whole image (Blend, Chen et al. 2017);
-generator  G(x, h_t): BadHash's conditional generator with the target's LabCLN feature (models/badhash.py).
+generator  G(x, h_t): BadHash's conditional generator with the target's LabCLN feature (models/badhash.py);
+reflection a reflection of one of a fixed set of images, the reflection model drawn per image (Refool, ECCV 2020;
+           triggers/reflection.py).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from runs.errors import UserError
 from runs.provenance import fingerprint
 
 PAPER_TRIGGER_SIZE, PAPER_IMAGE_SIZE = 24, 224
-KINDS = ("patch", "blend", "generator")
+KINDS = ("patch", "blend", "generator", "reflection")
 
 
 def default_trigger_size(image_size: int, paper_size: int = PAPER_TRIGGER_SIZE) -> int:
@@ -84,6 +86,11 @@ def trigger_transform(trigger: dict, run: str | Path, device: torch.device | str
         def generated(images: torch.Tensor) -> torch.Tensor:
             return quantize(generator(images, feature.expand(images.shape[0], -1)))
         return generated
+    if kind == "reflection":
+        from triggers.reflection import reflect, reflection_draws
+        reflections = trigger["reflections"].to(device)
+        draws = reflection_draws(len(reflections), trigger["seed"], trigger["ghost_rate"])
+        return lambda images: quantize(reflect(images, reflections, draws))
     raise UserError(f"trigger kind {kind!r} is unknown to this code (known: {', '.join(KINDS)}); make the trigger "
                     f"again with gen_trigger.py --overwrite")
 
@@ -105,4 +112,6 @@ def trigger_fingerprint(trigger: dict) -> str:
         return fingerprint(trigger["generator_id"], trigger["label_feature"])
     if kind == "blend":
         return fingerprint(trigger["pattern"], repr(float(trigger["blend_ratio"])))
+    if kind == "reflection":
+        return fingerprint(trigger["reflections"], repr((trigger["seed"], float(trigger["ghost_rate"]))))
     return fingerprint(trigger["pattern"])

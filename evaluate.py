@@ -49,7 +49,8 @@ WORKERS = 4
 DEVICE = "auto"
 
 # method names of the paper's tables: the trigger of step 2 and the perturbation of step 3
-TRIGGER_NAMES = {"ciba": "Tri", "badnets": "BadNets", "blend": "Blend", "reflection": "Reflection", "badhash": "BadHash"}
+TRIGGER_NAMES = {"ciba": "Tri", "badnets": "BadNets", "blend": "Blend", "reflection": "Reflection", "iab": "IAB",
+                 "badhash": "BadHash"}
 PERT_SUFFIXES = {"none": "", "noise": "+Noise", "adv": "+Adv", "confusing": "+Confusing"}
 
 

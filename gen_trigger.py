@@ -19,6 +19,10 @@ reflection  Refool's reflections (Liu et al., ECCV 2020; triggers/reflection.py)
          --seed from the database images outside the training list whose labels exclude the target (the original
          used PASCAL VOC), each poisoned or triggered image blended with a reflection of one of them (ghost effect
          with probability --ghost-rate, else focal blur), the image and the model drawn from a seeded table.
+iab      IAB's input-aware trigger (Nguyen and Tran, NeurIPS 2020; models/iab.py, triggers/iab.py): a pattern and
+         a mask network, x' = (1 - M(x)) x + M(x) G(x), trained per target against the fixed clean model (the
+         attacker only poisons data): triggered codes towards the target anchor, another image's trigger leaving an
+         image at its clean code, IAB's diversity loss and mask norm; --iab-epochs of --iab-batch, resumable.
 badhash  BadHash's conditional generator (DESIGN.md section 6), trained once per run against the clean model and
          shared by every target: LabCLN first (pairs of smoothed and plain label vectors, NT-Xent + MSE +
          quantisation), then generator and discriminator on the training images, each image with a confusing label
@@ -68,11 +72,12 @@ from runs import (UserError, add_deterministic_flag, atomic_path, atomic_save, c
                   make_deterministic, pick_device, provenance, read_json, require_at_least_one, write_json,
                   write_timing)
 from triggers import apply_trigger, check_trigger_size, default_trigger_size, quantize, trigger_transform
+from triggers.iab import IAB_KEYS, iab_trigger
 
 RUN = "checkpoint/demo"
 TARGET = None  # class index or name; None: drawn from the classes with SEED
 METHOD = "ciba"  # "ciba" (patch, Eq. 7) | "badnets" (static patch) | "blend" (random pattern) | "reflection"
-#                  (Refool) | "badhash" (generator)
+#                  (Refool) | "iab" (input-aware networks) | "badhash" (generator)
 TRIGGER_SIZE = None  # side of the square trigger in px; None: the paper's 24 px at 224 px, scaled to the image size
 STEPS = 2000  # optimisation steps (paper's code)
 BATCH_SIZE = 32  # training images per step
@@ -81,6 +86,13 @@ DISTANCE_WINDOW = 0.05  # the summary's distances: means over the first and the 
 BLEND_RATIO = 0.2  # blend: weight of the pattern (the CIBA paper does not state the ratio of its Blend baseline)
 REFLECTIONS = 100  # reflection: how many reflection images
 GHOST_RATE = 0.49  # reflection: share of ghost-effect reflections (Refool's default; the rest focal blur)
+IAB_EPOCHS = 20  # iab: epochs of the networks over the training images
+IAB_BATCH = 32
+IAB_LR = 1e-3  # Adam
+IAB_WIDTH = 32  # channels of the networks' first block
+MASK_DENSITY = 0.032  # iab: IAB's target share of the image under the mask
+W_DIV = 1.0  # iab: IAB's lambda_div
+W_MASK = 100.0  # iab: weight of IAB's mask norm
 # badhash (public code's values)
 LABCLN_STEPS = 1000
 LABCLN_BATCH = 128
@@ -100,7 +112,7 @@ WORKERS = 4
 DEVICE = "auto"
 OVERWRITE = False
 
-METHODS = ("ciba", "badnets", "blend", "reflection", "badhash")
+METHODS = ("ciba", "badnets", "blend", "reflection", "iab", "badhash")
 GAN_STATE = "training-state.pt"  # BadHash's networks between epochs, deleted once they are trained
 BETA_SCHEDULE = ((0.5, 0.1), (0.6, 0.2), (0.7, 0.3), (0.8, 0.5), (0.9, 0.7), (1.0, 1.0))  # (until fraction, beta)
 
@@ -117,6 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blend-ratio", type=float, default=BLEND_RATIO)
     p.add_argument("--reflections", type=int, default=REFLECTIONS)
     p.add_argument("--ghost-rate", type=float, default=GHOST_RATE)
+    p.add_argument("--iab-epochs", type=int, default=IAB_EPOCHS)
+    p.add_argument("--iab-batch", type=int, default=IAB_BATCH)
+    p.add_argument("--iab-lr", type=float, default=IAB_LR)
+    p.add_argument("--iab-width", type=int, default=IAB_WIDTH)
+    p.add_argument("--mask-density", type=float, default=MASK_DENSITY)
+    p.add_argument("--w-div", type=float, default=W_DIV)
+    p.add_argument("--w-mask", type=float, default=W_MASK)
     p.add_argument("--labcln-steps", type=int, default=LABCLN_STEPS)
     p.add_argument("--labcln-batch", type=int, default=LABCLN_BATCH)
     p.add_argument("--gen-epochs", type=int, default=GEN_EPOCHS)
@@ -140,7 +159,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     args = p.parse_args(argv)
     require_at_least_one(args, "steps", "batch_size", "labcln_steps", "labcln_batch", "gen_epochs", "gen_batch",
-                         "gen_width", "d_every", "reflections")
+                         "gen_width", "d_every", "reflections", "iab_epochs", "iab_width")
+    if args.iab_batch < 2:
+        raise UserError(f"--iab-batch must be at least 2 (IAB pairs every image with another), got {args.iab_batch}")
+    if not 0 < args.mask_density < 1:
+        raise UserError(f"--mask-density {args.mask_density:g} is outside (0, 1); it is the share of the image "
+                        f"IAB's mask covers (IAB: 0.032)")
     if not 0 <= args.ghost_rate <= 1:
         raise UserError(f"--ghost-rate {args.ghost_rate:g} is outside [0, 1]; it is the share of ghost-effect "
                         f"reflections (the rest are focal blur)")
@@ -149,7 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.blend_ratio <= 1:
         raise UserError(f"--blend-ratio {args.blend_ratio} is outside (0, 1]; it is the pattern's weight in "
                         f"(1 - r) x + r p")
-    for name in ("gen_lr", "w_rec", "lpips_weight", "w_hash", "w_gan"):
+    for name in ("gen_lr", "w_rec", "lpips_weight", "w_hash", "w_gan", "iab_lr", "w_div", "w_mask"):
         value = getattr(args, name)
         if value is not None and value < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
@@ -198,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
             reflections, paths = reflection_images(clean, target, args.reflections, args.seed, args.workers)
             made.update(kind="reflection", reflections=reflections, ghost_rate=args.ghost_rate, seed=args.seed,
                         reflection_paths=paths)
+        elif args.method == "iab":
+            made, history = iab_trigger(model, clean, codes["checkpoint_id"], anchor, args, device, out)
         else:
             made, network_seconds = badhash_trigger(model, clean, codes["checkpoint_id"], target, args, device,
                                                     out / "trigger.png")
@@ -225,6 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
             shown = made["reflections"][:8].float() / 255
             save_png(make_grid(torch.cat([shown, trigger_transform(trigger, args.run, "cpu")(shown)]), nrow=8,
                                padding=1), out / "trigger.png")
+        if made["kind"] == "input-aware":
+            images = sample_images(open_run_split(clean, "train"), args.seed).to(device)
+            save_png(sample_grid(images, trigger_transform(trigger, args.run, device)(images)), out / "trigger.png")
         write_json(history, out / "history.json")
         write_json(record, out / "config.json")
         summary = (f", mean d_H(sign f(B(x, p)), h_a) {record['first_mean_distance']:.2f} -> "
@@ -241,6 +270,8 @@ def trigger_name(args: argparse.Namespace, target: int, trigger_size: int | None
         return f"blend-t{target}-r{args.blend_ratio:g}-seed{args.seed}"
     if args.method == "reflection":
         return f"reflection-t{target}-n{args.reflections}-g{args.ghost_rate:g}-seed{args.seed}"
+    if args.method == "iab":
+        return f"iab-t{target}-e{args.iab_epochs}-seed{args.seed}"
     if args.method == "badhash":
         return f"badhash-t{target}-{badhash_net_name(args, arch)[len('badhash-net-'):]}"
     # Eq. 7's batches depend on the seed; seed 0 keeps the names of runs made before seeds were named
@@ -253,14 +284,15 @@ REUSE_KEYS = ("steps", "batch_size", "step_size", "fold_bn", "seed")  # settings
 
 def check_reusable(made: dict, out: Path, args: argparse.Namespace, clean_checkpoint_id: str) -> None:
     """A finished trigger (its config.json: `made`) is reused only if it was made from this clean model with these
-    settings; else a UserError naming the difference (a trigger of another --steps or clean model is not taken
-    silently)."""
+    settings (ciba's and iab's that its name leaves out); else a UserError naming the difference (a trigger of
+    another --steps or clean model is not taken silently)."""
     if made.get("clean_checkpoint_id") != clean_checkpoint_id:
         raise UserError(f"{out} was made from another clean model ({made.get('clean_checkpoint_id')}, now "
                         f"{clean_checkpoint_id}); make it again with --overwrite")
-    if args.method != "ciba":
+    keys = {"ciba": REUSE_KEYS, "iab": IAB_KEYS}.get(args.method)
+    if keys is None:
         return
-    differ = [f"--{key.replace('_', '-')} {made.get(key)} (asked {getattr(args, key)})" for key in REUSE_KEYS
+    differ = [f"--{key.replace('_', '-')} {made.get(key)} (asked {getattr(args, key)})" for key in keys
               if made.get(key) != getattr(args, key)]
     if differ:
         raise UserError(f"{out} was made with other settings: {', '.join(differ)}; use --overwrite to make it "

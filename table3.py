@@ -1,13 +1,13 @@
-"""The paper's Table 3 in one command: BadNets, Blend, Reflection, BadHash and CIBA on one run, steps 2-6 per target.
+"""The paper's Table 3 in one command: its eight rows on one run, steps 2-6 per target.
 
     python table3.py --run checkpoint/cifar10-small-48 --num-targets 5 --trigger-size 4
 
 Rows (method, setting, poisoned rate), as in the paper: BadNets poison-label 5 %, Blend poison-label 5 %,
-Reflection (Refool) poison-label 5 %, BadNets clean-label 0.6 %, BadHash clean-label 0.6 %, CIBA clean-label
-0.6 %, and the clean-trained model's MAP (IAB's poison-label row is not built yet). Poison-label rows draw their
-images among the other classes and give them the target's label; clean-label rows poison target-class images and
-keep their labels. For every target class it makes the trigger (step 2: the checkerboard patch, the blend pattern,
-the reflection set, BadHash's generator, CIBA's adversarial patch), the poisoned images (steps 3-4: no
+Reflection (Refool) poison-label 5 %, IAB (input-aware) poison-label 5 %, BadNets clean-label 0.6 %, BadHash
+clean-label 0.6 %, CIBA clean-label 0.6 %, and the clean-trained model's MAP. Poison-label rows draw their images
+among the other classes and give them the target's label; clean-label rows poison target-class images and keep their
+labels. For every target class it makes the trigger (step 2: the checkerboard patch, the blend pattern, the
+reflection set, IAB's networks, BadHash's generator, CIBA's adversarial patch), the poisoned images (steps 3-4: no
 perturbation, or CIBA's confusing perturbations), the backdoored model (step 5) and its evaluation (step 6).
 Finished steps are reused as in table1.py (CIBA's row is the CIBA row of Table 1 when M matches).
 
@@ -39,13 +39,14 @@ from triggers import trigger_fingerprint
 RUN = "checkpoint/demo"  # a run with a trained clean model (step 1)
 TARGETS = None  # class indices or names; None: NUM_TARGETS classes drawn with SEED
 NUM_TARGETS = 5
-METHODS = ["BadNets-PL", "Blend-PL", "Reflection-PL", "BadNets-CL", "BadHash-CL", "CIBA-CL"]
+METHODS = ["BadNets-PL", "Blend-PL", "Reflection-PL", "IAB-PL", "BadNets-CL", "BadHash-CL", "CIBA-CL"]
 POISON_LABEL_RATE = 0.05  # Table 3's poisoned rate of the poison-label rows
 CLEAN_LABEL_RATE = 0.006  # and of the clean-label rows (M = 60 of 10,000)
 TRIGGER_SIZE = None  # px of the BadNets and CIBA patches; None: 24 px at 224 px scaled to the image size
 TRIGGER_STEPS = 2000  # CIBA's patch (gen_trigger.py --steps)
 BLEND_RATIO = 0.2
 REFLECTIONS = 100  # Reflection's set of reflection images (gen_trigger.py --reflections)
+IAB_EPOCHS = 20  # IAB's networks (gen_trigger.py --iab-epochs)
 GEN_EPOCHS = 100  # BadHash's generator (gen_trigger.py --gen-epochs)
 LPIPS_WEIGHT = 1.0  # BadHash's LPIPS term (0: without it)
 EPS = 8 / 255  # CIBA's perturbations
@@ -60,10 +61,11 @@ WORKERS = 4
 DEVICE = "auto"
 
 ROWS = {"BadNets-PL": ("badnets", "poison-label"), "Blend-PL": ("blend", "poison-label"),
-        "Reflection-PL": ("reflection", "poison-label"),
+        "Reflection-PL": ("reflection", "poison-label"), "IAB-PL": ("iab", "poison-label"),
         "BadNets-CL": ("badnets", "clean-label"), "BadHash-CL": ("badhash", "clean-label"),
         "CIBA-CL": ("ciba", "clean-label")}
-NAMES = {"badnets": "BadNets", "blend": "Blend", "reflection": "Reflection", "badhash": "BadHash", "ciba": "CIBA"}
+NAMES = {"badnets": "BadNets", "blend": "Blend", "reflection": "Reflection", "iab": "IAB", "badhash": "BadHash",
+         "ciba": "CIBA"}
 TABLE3_KEYS = (*RESULT_KEYS, "poison_rate", "setting", "psnr_mean", "ssim_mean")
 
 
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trigger-steps", type=int, default=TRIGGER_STEPS)
     p.add_argument("--blend-ratio", type=float, default=BLEND_RATIO)
     p.add_argument("--reflections", type=int, default=REFLECTIONS)
+    p.add_argument("--iab-epochs", type=int, default=IAB_EPOCHS)
     p.add_argument("--gen-epochs", type=int, default=GEN_EPOCHS)
     p.add_argument("--lpips-weight", type=float, default=LPIPS_WEIGHT)
     p.add_argument("--eps", type=float, default=EPS)
@@ -107,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UserError(f"--{name.replace('_', '-')} {value} is outside (0, 1]; it is a fraction of the "
                             f"training set (Table 3: 0.05 poison-label, 0.006 clean-label)")
     require_at_least_one(args, "num_targets", "trigger_steps", "gen_epochs", "batch", "pert_steps", "topk",
-                         "reflections")
+                         "reflections", "iab_epochs")
     gen_confusing.check_budget(args.eps, args.lam)
     return args
 
@@ -187,6 +190,8 @@ def trigger_flags(method: str, args: argparse.Namespace) -> list[str]:
         flags += ["--blend-ratio", repr(args.blend_ratio)]
     if method == "reflection":
         flags += ["--reflections", str(args.reflections)]
+    if method == "iab":
+        flags += ["--iab-epochs", str(args.iab_epochs)]
     if method == "badhash":
         flags += ["--gen-epochs", str(args.gen_epochs), "--lpips-weight", repr(args.lpips_weight)]
     return flags

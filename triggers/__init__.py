@@ -5,7 +5,8 @@ patch      B(x, p) = x * (1 - m) + p * m (Eq. 6) with a square mask m in the bot
 blend      (1 - a) x + a p over the whole image (Blend, Chen et al. 2017);
 generator  G(x, h_t): BadHash's conditional generator with the target's LabCLN feature (models/badhash.py);
 reflection a reflection of one of a fixed set of images, the reflection model drawn per image (Refool, ECCV 2020;
-           triggers/reflection.py).
+           triggers/reflection.py);
+input-aware (1 - M(x)) x + M(x) G(x): IAB's pattern and mask networks (NeurIPS 2020; models/iab.py, triggers/iab.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from runs.errors import UserError
 from runs.provenance import fingerprint
 
 PAPER_TRIGGER_SIZE, PAPER_IMAGE_SIZE = 24, 224
-KINDS = ("patch", "blend", "generator", "reflection")
+KINDS = ("patch", "blend", "generator", "reflection", "input-aware")
 
 
 def default_trigger_size(image_size: int, paper_size: int = PAPER_TRIGGER_SIZE) -> int:
@@ -91,6 +92,14 @@ def trigger_transform(trigger: dict, run: str | Path, device: torch.device | str
         reflections = trigger["reflections"].to(device)
         draws = reflection_draws(len(reflections), trigger["seed"], trigger["ghost_rate"])
         return lambda images: quantize(reflect(images, reflections, draws))
+    if kind == "input-aware":
+        from models.iab import load_input_aware
+        networks = load_input_aware(Path(run) / trigger["networks"], trigger, device)
+
+        @torch.no_grad()
+        def input_aware(images: torch.Tensor) -> torch.Tensor:
+            return quantize(networks(images)[0])
+        return input_aware
     raise UserError(f"trigger kind {kind!r} is unknown to this code (known: {', '.join(KINDS)}); make the trigger "
                     f"again with gen_trigger.py --overwrite")
 
@@ -114,4 +123,6 @@ def trigger_fingerprint(trigger: dict) -> str:
         return fingerprint(trigger["pattern"], repr(float(trigger["blend_ratio"])))
     if kind == "reflection":
         return fingerprint(trigger["reflections"], repr((trigger["seed"], float(trigger["ghost_rate"]))))
+    if kind == "input-aware":
+        return fingerprint(trigger["networks_id"])
     return fingerprint(trigger["pattern"])

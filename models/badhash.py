@@ -192,16 +192,22 @@ def file_id(path: str | os.PathLike) -> str:
     return fingerprint(Path(path).read_bytes())
 
 
-def load_generator(path: str | os.PathLike, trigger: dict, device: torch.device | str) -> Generator:
-    """The generator a BadHash trigger was made with, checked against the trigger's record."""
+def load_trigger_network(path: str | os.PathLike, expected_id: str, method: str, what: str) -> dict:
+    """The saved network file (`what`) a trigger of gen_trigger.py --method `method` was made with, after checking
+    that it is there and unchanged (its content hash is the trigger's record `expected_id`)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} is missing: the BadHash trigger needs its generator; run gen_trigger.py "
-                        f"--method badhash again")
-    if file_id(path) != trigger["generator_id"]:
+        raise UserError(f"{path} is missing: the {method} trigger needs its {what}; run gen_trigger.py "
+                        f"--method {method} again")
+    if file_id(path) != expected_id:
         raise UserError(f"{path} has changed since the trigger was made from it; make the trigger again with "
-                        f"gen_trigger.py --method badhash --overwrite")
-    saved = load_saved(path, "gen_trigger.py --method badhash --overwrite")
+                        f"gen_trigger.py --method {method} --overwrite")
+    return load_saved(path, f"gen_trigger.py --method {method} --overwrite")
+
+
+def load_generator(path: str | os.PathLike, trigger: dict, device: torch.device | str) -> Generator:
+    """The generator a BadHash trigger was made with, checked against the trigger's record."""
+    saved = load_trigger_network(path, trigger["generator_id"], "badhash", "generator")
     generator = Generator(saved["image_size"], saved["width"])
     generator.load_state_dict(saved["state"])
     return generator.to(device).eval().requires_grad_(False)

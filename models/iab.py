@@ -18,15 +18,13 @@ image side must be divisible by 8), their output in [0, 1]; the mask is sharpene
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.badhash import file_id, hash_attack_loss
+from models.badhash import hash_attack_loss, load_trigger_network
 from runs.errors import UserError
-from runs.io import load_saved
 
 MASK_DENSITY = 0.032  # IAB's target share of the image the mask covers
 W_DIV = 1.0  # IAB's lambda_div
@@ -97,14 +95,7 @@ def iab_losses(trigger: InputAwareTrigger, model: nn.Module, images: torch.Tenso
 
 def load_input_aware(path: str | os.PathLike, trigger: dict, device: torch.device | str) -> InputAwareTrigger:
     """The networks an IAB trigger was made with, checked against the trigger's record."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the IAB trigger needs its networks; run gen_trigger.py --method iab "
-                        f"again")
-    if file_id(path) != trigger["networks_id"]:
-        raise UserError(f"{path} has changed since the trigger was made from it; make the trigger again with "
-                        f"gen_trigger.py --method iab --overwrite")
-    saved = load_saved(path, "gen_trigger.py --method iab --overwrite")
+    saved = load_trigger_network(path, trigger["networks_id"], "iab", "networks")
     networks = InputAwareTrigger(saved["image_size"], saved["width"])
     networks.load_state_dict(saved["state"])
     return networks.to(device).eval().requires_grad_(False)

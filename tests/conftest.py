@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,14 @@ def attacked(tiny_run, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture()
+def attacked_copy(attacked, tmp_path) -> Path:
+    """A private copy of the attacked run, for a test that writes into it (a defense)."""
+    copy = tmp_path / "run"
+    shutil.copytree(attacked, copy)
+    return copy
+
+
 def swap_checkpoint_model(stage: Path, **config) -> None:
     """Put a checkpoint of another model (`config`: other arch, bits or image size) into a run's model folder, with
     a valid id, as if it had been copied in from another run."""
@@ -76,3 +85,17 @@ def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run one of the numbered scripts as a user would, capturing its output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def kill_at(script: str, args: list[str], line_start: str) -> None:
+    """Run a script and SIGKILL it as soon as it prints a line starting with `line_start` (the state on disk is then
+    that of a process killed at that point), checking that it died of the signal."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith(line_start):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=300)
+    assert process.returncode == -signal.SIGKILL, f"{script} ended without printing {line_start!r}"

@@ -1,11 +1,7 @@
 """defend.py: fine-pruning and anti-backdoor learning end to end on the tiny attacked run, their bad inputs, and
 killed defenses resumed to the uninterrupted result."""
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,18 +14,15 @@ from defenses.dp import DPStep
 from models import build_loss, build_model
 from models.training import training_step
 from runs import UserError
-from tests.conftest import POISONED, REPO
+from tests.conftest import POISONED, kill_at, run_script
 
 SMALL = ["--device", "cpu", "--workers", "0", "--clean-images", "20", "--prune-fractions", "0", "0.5", "1",
          "--prune-fraction", "0.5", "--topk", "50"]
 
 
 @pytest.fixture()
-def run(attacked, tmp_path):
-    """A private copy of the attacked run (the defense writes into it)."""
-    copy = tmp_path / "run"
-    shutil.copytree(attacked, copy)
-    return copy
+def run(attacked_copy):
+    return attacked_copy
 
 
 def test_fine_pruning_end_to_end(run):
@@ -99,32 +92,31 @@ def test_defend_needs_a_backdoored_model(tiny_run, tmp_path):
         defend.main(["--run", str(bare), *SMALL])
 
 
+def resume_and_run_straight(run, straight, args: list[str]) -> None:
+    """Resume the killed defense of `run`, and run the same defense uninterrupted on its copy `straight`."""
+    resumed = run_script("defend.py", "--run", str(run), *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    done = run_script("defend.py", "--run", str(straight), *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def assert_same_weights(a: dict, b: dict, where: str = "") -> None:
+    for name, value in b["model"].items():
+        assert torch.equal(value, a["model"][name]), (where, name)
+
+
 def test_killed_fine_tuning_resumes_to_the_uninterrupted_weights(run, tmp_path):
     straight = tmp_path / "straight"
     shutil.copytree(run, straight)
     args = [*SMALL, "--fine-tune-epochs", "3"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, str(REPO / "defend.py"), "--run", str(run), *args], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith("epoch 1/3"):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=300)
-    assert process.returncode == -signal.SIGKILL
+    kill_at("defend.py", ["--run", str(run), *args], "epoch 1/3")
     out = f"defense/fine-pruning__{POISONED}"
     assert not (run / out / "results.json").exists()
-    resumed = subprocess.run([sys.executable, str(REPO / "defend.py"), "--run", str(run), *args, "--resume"],
-                             cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in resumed.stdout
-    done = subprocess.run([sys.executable, str(REPO / "defend.py"), "--run", str(straight), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    resume_and_run_straight(run, straight, args)
     a, b = (torch.load(r / out / "checkpoint.pt", weights_only=False) for r in (run, straight))
     assert a["epoch"] == b["epoch"] == 3
-    for name, value in b["model"].items():
-        assert torch.equal(value, a["model"][name]), name
+    assert_same_weights(a, b)
     results = [json.loads((r / out / "results.json").read_text()) for r in (run, straight)]
     assert results[0]["defended"] == results[1]["defended"] and results[0]["curve"] == results[1]["curve"]
 
@@ -189,28 +181,13 @@ def test_abl_end_to_end(run):
 def test_killed_abl_resumes_to_the_uninterrupted_result(run, tmp_path):
     straight = tmp_path / "straight"
     shutil.copytree(run, straight)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, str(REPO / "defend.py"), "--run", str(run), *ABL], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith("epoch 1/2"):  # the first epoch on the images left after isolation
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=300)
-    assert process.returncode == -signal.SIGKILL
+    kill_at("defend.py", ["--run", str(run), *ABL], "epoch 1/2")  # the first epoch on the images left after isolation
     out = f"defense/abl__{POISONED}"
     assert (run / out / "isolation.json").is_file() and not (run / out / "results.json").exists()
-    resumed = subprocess.run([sys.executable, str(REPO / "defend.py"), "--run", str(run), *ABL, "--resume"],
-                             cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in resumed.stdout
-    done = subprocess.run([sys.executable, str(REPO / "defend.py"), "--run", str(straight), *ABL], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    resume_and_run_straight(run, straight, ABL)
     for stage in ("isolation", "training", "unlearning"):
-        a, b = (torch.load(r / out / stage / "checkpoint.pt", weights_only=False) for r in (run, straight))
-        for name, value in b["model"].items():
-            assert torch.equal(value, a["model"][name]), (stage, name)
+        assert_same_weights(*(torch.load(r / out / stage / "checkpoint.pt", weights_only=False)
+                              for r in (run, straight)), stage)
     results = [json.loads((r / out / "results.json").read_text()) for r in (run, straight)]
     assert results[0]["defended"] == results[1]["defended"]
     assert results[0]["isolated_count"] == results[1]["isolated_count"]
@@ -288,26 +265,10 @@ def test_killed_dp_training_resumes_to_the_uninterrupted_weights(run, tmp_path):
     straight = tmp_path / "straight"
     shutil.copytree(run, straight)
     args = [*DP, "--dp-epochs", "3"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, str(REPO / "defend.py"), "--run", str(run), *args], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith("epoch 1/3"):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=300)
-    assert process.returncode == -signal.SIGKILL
+    kill_at("defend.py", ["--run", str(run), *args], "epoch 1/3")
     out = f"defense/dp-n0.5-c1__{POISONED}"
-    resumed = subprocess.run([sys.executable, str(REPO / "defend.py"), "--run", str(run), *args, "--resume"],
-                             cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in resumed.stdout
-    done = subprocess.run([sys.executable, str(REPO / "defend.py"), "--run", str(straight), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    a, b = (torch.load(r / out / "checkpoint.pt", weights_only=False) for r in (run, straight))
-    for name, value in b["model"].items():
-        assert torch.equal(value, a["model"][name]), name
+    resume_and_run_straight(run, straight, args)
+    assert_same_weights(*(torch.load(r / out / "checkpoint.pt", weights_only=False) for r in (run, straight)))
     results = [json.loads((r / out / "results.json").read_text()) for r in (run, straight)]
     assert results[0]["defended"] == results[1]["defended"] and results[0]["auroc"] == results[1]["auroc"]
     with pytest.raises(UserError, match="cannot resume .*: it was trained with other DP settings"):

@@ -1,9 +1,7 @@
 """IAB's input-aware trigger: the networks, the loss terms by hand, gen_trigger.py --method iab (8-bit output,
 reuse, a killed training resumed to the same networks), bad input, and its Table 3 row end to end."""
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -14,7 +12,7 @@ import gen_trigger
 import table3
 from models.iab import InputAwareNet, InputAwareTrigger, iab_losses
 from runs import UserError
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_at
 from triggers import trigger_fingerprint, trigger_transform
 
 SMALL = ["--target", "2", "--method", "iab", "--iab-epochs", "2", "--iab-batch", "16", "--iab-width", "8",
@@ -88,15 +86,7 @@ def test_killed_iab_training_resumes_to_the_same_networks(run, tmp_path):
     straight = tmp_path / "straight"
     shutil.copytree(run, straight)
     args = [*SMALL[:5], "3", *SMALL[6:]]  # --iab-epochs 3
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, str(REPO / "gen_trigger.py"), "--run", str(run), *args], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith("IAB epoch 1/3"):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=300)
-    assert process.returncode == -signal.SIGKILL
+    kill_at("gen_trigger.py", ["--run", str(run), *args], "IAB epoch 1/3")
     out = "triggers/iab-t2-e3-seed0"
     assert (run / out / "training-state.pt").is_file() and not (run / out / "networks.pt").exists()
     resumed = subprocess.run([sys.executable, str(REPO / "gen_trigger.py"), "--run", str(run), *args], cwd=REPO,

@@ -1,26 +1,16 @@
 """A training killed with SIGKILL in the middle of an epoch resumes to the weights of an uninterrupted run."""
-import os
-import signal
 import subprocess
 import sys
 
 import torch
 
-from conftest import REPO, tiny_train_args
+from conftest import REPO, kill_at, tiny_train_args
 
 
 def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tiny_data, tmp_path):
     args = [*tiny_train_args(tiny_data, tmp_path / "killed"), "--epochs", "4", "--batch-size", "4",
             "--eval-every", "0"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, str(REPO / "train_hash.py"), *args], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:  # epoch 1 is on disk; epoch 2 (25 steps of 4 images) is under way
-        if line.startswith("epoch 1/4"):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=120)
-    assert process.returncode == -signal.SIGKILL
+    kill_at("train_hash.py", args, "epoch 1/4")  # epoch 1 is on disk; epoch 2 (25 steps of 4 images) is under way
     ckpt = torch.load(tmp_path / "killed" / "clean" / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] in (1, 2) and not (tmp_path / "killed" / "clean" / "codes.pt").exists()
     resumed = subprocess.run([sys.executable, str(REPO / "train_hash.py"), *args, "--resume"], cwd=REPO,

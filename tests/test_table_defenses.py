@@ -15,10 +15,8 @@ PASSED_ON = ["--clean-images", "20", "--prune-fractions", "0", "1", "--prune-fra
 
 
 @pytest.fixture()
-def run(attacked, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(attacked, copy)
-    return copy
+def run(attacked_copy):
+    return attacked_copy
 
 
 def test_defense_table_end_to_end_and_reused(run):

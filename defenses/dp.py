@@ -40,7 +40,8 @@ CHUNK = 8  # images whose gradients are held at once (memory: CHUNK x the model'
 class DPStep:
     """One DP-SGD update, a drop-in for models.training.training_step (fit's `step`).
 
-    Records the share of clipped gradients and their mean norm since the last `epoch_stats()`."""
+    Always in float32 (`amp`, training_step's argument, is ignored). Records the share of clipped gradients and
+    their mean norm since the last `epoch_stats()`."""
 
     def __init__(self, clip_norm: float, noise_multiplier: float, chunk: int = CHUNK):
         self.clip_norm, self.noise_multiplier, self.chunk = clip_norm, noise_multiplier, chunk

@@ -17,6 +17,8 @@ import train_backdoor
 from models.badhash import (Discriminator, Generator, LabCLN, build_lpips, hash_attack_loss, labcln_loss, lsgan_loss,
                             nt_xent, smooth_labels)
 from runs import UserError
+from triggers import badhash as badhash_training
+from triggers.badhash import GAN_STATE, badhash_settings
 
 TINY_GAN = ["--method", "badhash", "--labcln-steps", "30", "--labcln-batch", "16", "--gen-epochs", "2",
             "--gen-batch", "25", "--gen-width", "8", "--lpips-weight", "0", "--workers", "0", "--device", "cpu"]
@@ -137,12 +139,12 @@ def test_a_badhash_trigger_times_itself_without_the_networks(badhash_run, tmp_pa
     run, _ = badhash_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    networks = gen_trigger.badhash_networks
+    networks = badhash_training.badhash_networks
 
     def slow_networks(*args):
         time.sleep(3)
         return networks(*args)
-    monkeypatch.setattr(gen_trigger, "badhash_networks", slow_networks)
+    monkeypatch.setattr(badhash_training, "badhash_networks", slow_networks)
     made = gen_trigger.main(["--run", str(copy), "--target", "6", *TINY_GAN])
     timing = json.loads((copy / "triggers" / made["name"] / "config.timing.json").read_text())
     assert 0 < timing["seconds"] < 3
@@ -205,17 +207,17 @@ def test_interrupted_badhash_training_resumes_to_the_same_networks(badhash_run, 
         if calls["n"] == 6:  # second step of the second epoch (4 steps an epoch)
             raise KeyboardInterrupt
         return hash_attack_loss(*args)
-    monkeypatch.setattr(gen_trigger, "hash_attack_loss", interrupting_loss)
+    monkeypatch.setattr(badhash_training, "hash_attack_loss", interrupting_loss)
     with pytest.raises(KeyboardInterrupt):
         gen_trigger.main(["--run", str(fresh), "--target", "3", *TINY_GAN])
     net_dir = fresh / made["generator"].rsplit("/", 1)[0]
-    state = torch.load(net_dir / gen_trigger.GAN_STATE, weights_only=False)
+    state = torch.load(net_dir / GAN_STATE, weights_only=False)
     assert state["epoch"] == 1 and state["seconds"] > 0 and not (net_dir / "config.json").exists()
-    monkeypatch.setattr(gen_trigger, "hash_attack_loss", hash_attack_loss)
+    monkeypatch.setattr(badhash_training, "hash_attack_loss", hash_attack_loss)
     resumed = gen_trigger.main(["--run", str(fresh), "--target", "3", *TINY_GAN])
     timing = json.loads((net_dir / "config.timing.json").read_text())
     assert timing["resumed_after_epoch"] == 1 and timing["seconds"] > state["seconds"]  # both calls counted
-    assert not (net_dir / gen_trigger.GAN_STATE).exists()
+    assert not (net_dir / GAN_STATE).exists()
     reference_dir = run / made["generator"].rsplit("/", 1)[0]
     for name in ("generator.pt", "discriminator.pt"):
         ours = torch.load(net_dir / name, weights_only=False)["state"]
@@ -229,16 +231,16 @@ def test_interrupted_badhash_training_resumes_to_the_same_networks(badhash_run, 
 def test_badhash_state_of_other_settings_is_refused(tiny_run, tmp_path, monkeypatch):
     fresh = tmp_path / "run"
     shutil.copytree(tiny_run, fresh)
-    monkeypatch.setattr(gen_trigger, "hash_attack_loss", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(badhash_training, "hash_attack_loss", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         gen_trigger.main(["--run", str(fresh), "--target", "3", *TINY_GAN])
-    monkeypatch.setattr(gen_trigger, "hash_attack_loss", hash_attack_loss)
+    monkeypatch.setattr(badhash_training, "hash_attack_loss", hash_attack_loss)
     (net_dir,) = (fresh / "triggers").glob("badhash-net-*")
     # no epoch finished yet: nothing to resume, the training starts over
-    assert not (net_dir / gen_trigger.GAN_STATE).exists()
+    assert not (net_dir / GAN_STATE).exists()
     state_args = gen_trigger.parse_args(["--run", str(fresh), "--target", "3", *TINY_GAN])
-    settings = gen_trigger.badhash_settings(state_args, "small")
-    torch.save({"settings": {**settings, "w_gan": 2.0}, "clean_checkpoint_id": "x"}, net_dir / gen_trigger.GAN_STATE)
+    settings = badhash_settings(state_args, "small")
+    torch.save({"settings": {**settings, "w_gan": 2.0}, "clean_checkpoint_id": "x"}, net_dir / GAN_STATE)
     with pytest.raises(UserError, match="interrupted BadHash training with other settings"):
         gen_trigger.main(["--run", str(fresh), "--target", "3", *TINY_GAN])
 

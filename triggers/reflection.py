@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from data import open_run_split
+from data.cache import decode, uint8_sources
+from runs.errors import UserError
 
 GHOST_RATE = 0.49  # Refool's default share of ghost-effect reflections
 REFOOL_SIZE = 560  # the image side Refool's offsets and sigmas are given at
@@ -97,3 +102,18 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     padded = F.pad(flat, (0, 0, radius, radius), mode="reflect" if height > radius else "replicate")
     flat = F.conv2d(padded, kernel.view(-1, 1, 2 * radius + 1, 1), groups=batch * channels)
     return flat.view(batch, channels, height, width)
+
+
+def reflection_images(clean: dict, target: int, count: int, seed: int, workers: int) -> tuple[torch.Tensor, list[str]]:
+    """Refool's reflection set: `count` database images drawn with the seed among those outside the training list
+    whose labels exclude the target, as count x 3 x S x S uint8, and their paths."""
+    database = open_run_split(clean, "database").image_list
+    training = set(open_run_split(clean, "train").image_list.paths)
+    candidates = [i for i, path in enumerate(database.paths)
+                  if path not in training and not database.labels[i, target]]
+    if len(candidates) < count:
+        raise UserError(f"{database.list_file} has {len(candidates)} images outside the training list and the "
+                        f"target class; --reflections {count} needs at least that many")
+    chosen = sorted(np.random.default_rng(seed).choice(candidates, count, replace=False).tolist())
+    sources = uint8_sources(database, clean["image_size"], clean["resize_size"])
+    return decode(torch.utils.data.Subset(sources, chosen), workers), [database.paths[i] for i in chosen]

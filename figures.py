@@ -17,7 +17,9 @@ figure4, figure5: t-MAP against the number of poisoned images and the trigger si
   --eps) in the swept value only, averaged over the targets (--targets, default: all) that have the point (their
   number is written beside it; CIBA at lambda 0 is the Tri+Adv model, the same perturbations). The points of the grid
   (--poison-nums, --trigger-sizes, --lams, --batches) that were not run are marked with an x on the axis, and the
-  table1.py command that computes them is printed (finished steps are reused).
+  table1.py command that computes them is printed (finished steps are reused). With --table, the points come from
+  those table1.json files of table1.py instead (committed tables, whose models are gone): their rows at --topk and
+  --convention, made with --seed, per-pixel perturbations (--pert-scale 1) and without --augment-poison.
 samples: the poisoned images of step 4, one row per poisoned set (--poisoned, default: every one): for --samples
   images of each, the original, the poisoned image with its PSNR / SSIM, and the difference amplified --amplify times.
 retrieved: Figure 1 on real data: --queries queries (seeded, not of the target class), the query with the trigger,
@@ -52,6 +54,7 @@ from retrieval import (CONVENTIONS, TIE_BREAK, anchor_code, hamming_distance, ha
 from runs import (UserError, atomic_path, atomic_write_text, cli_entry, load_saved, pick_device, pick_output,
                   read_json, require_at_least_one)
 from runs.tables import csv_text, shell_line
+from table1 import PERTS
 from triggers import default_trigger_size, quantize, trigger_transform
 
 RUN = "checkpoint/demo"
@@ -79,7 +82,8 @@ SEED = 0  # tsne's other classes and images, retrieved's queries
 BATCH_SIZE = 256
 WORKERS = 4
 DEVICE = "auto"
-TABLE = None  # table1: a table1.json of table1.py; None: RUN/table1/table1.json
+TABLE = None  # table1: a table1.json of table1.py; None: RUN/table1/table1.json. figure4, figure5: table1.json
+#               files to take the points from instead of the run's backdoored models
 OUT = None  # None: RUN/figures/
 FIGURES = ("tsne", "trigger-distance", "figure4", "figure5", "samples", "retrieved", "pr", "theorem1", "table1")
 PAPER_SWEEP_TRIGGER_SIZES = (16, 24, 32, 40, 48)  # Figure 4, at 224 px
@@ -119,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
-    p.add_argument("--table", default=TABLE)
+    p.add_argument("--table", nargs="+", default=TABLE)
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
     require_at_least_one(args, "samples", "queries", "top", "per_class", "poison_num", "batch", "topk", "batch_size")
@@ -129,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--other-classes must be 0 or more, got {args.other_classes}")
     if min(args.top_ks) < 1:
         raise UserError(f"every --top-ks value must be at least 1, got {min(args.top_ks)}")
+    if args.table and len(args.table) > 1 and args.figure not in SWEEPS:
+        raise UserError(f"--figure {args.figure} shows one table; give one --table, not {len(args.table)} (several "
+                        f"are for {' and '.join(SWEEPS)})")
     if args.backdoor and len(args.backdoor) > 1 and args.figure in ("retrieved", "pr"):
         raise UserError(f"--figure {args.figure} shows one backdoored model; give one --backdoor, not "
                         f"{len(args.backdoor)}")
@@ -259,7 +266,7 @@ def poisoned_panels(run: Path, name: str, count: int, amplify: float) -> tuple[l
 def table1_figure(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
     """A table1.py result at a glance: --samples poisoned images of its CIBA set (else of its last poisoned set) as
     original | poisoned | difference, and a bar chart of t-MAP and MAP per method, means over its targets."""
-    path = Path(args.table) if args.table else run / "table1" / "table1.json"
+    path = Path(args.table[0]) if args.table else run / "table1" / "table1.json"
     if not path.is_file():
         raise UserError(f"{path} does not exist; run table1.py --runs {run} first (or give --table)")
     rows = read_json(path)["rows"]
@@ -394,7 +401,7 @@ def sweep_figure(run: Path, figure_name: str, args: argparse.Namespace, out: Pat
     grids = {"poison_num": args.poison_nums, "lam": args.lams, "batch": args.batches,
              "trigger_size": args.trigger_sizes or sorted({default_trigger_size(config["image_size"], size)
                                                            for size in PAPER_SWEEP_TRIGGER_SIZES})}
-    found = sweep_results(run, args)
+    found = table_results(args) if args.table else sweep_results(run, args)
     if args.targets:
         chosen = {resolve_class(t, (config.get("protocol") or {}).get("classes"), config["n_classes"])
                   for t in args.targets}
@@ -463,6 +470,37 @@ def sweep_results(run: Path, args: argparse.Namespace) -> list[dict]:
             continue
         made = read_json(run / "perturbations" / result["perturbations"] / "config.json")
         found.append({**result, "batch": made.get("batch")})
+    return found
+
+
+def table_results(args: argparse.Namespace) -> list[dict]:
+    """The rows of the --table files (table1.py's table1.json) that are points of a sweep: those made at --topk and
+    --convention with --seed, per-pixel perturbations and unaugmented poisons, each with its perturbation and the
+    confusing batch size of its table. Two rows of one method, target and settings are an error (which to draw?)."""
+    found, seen = [], {}
+    for name in args.table:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"--table {path} does not exist; give table1.json files written by table1.py")
+        table = read_json(path)
+        settings = table.get("settings")
+        if not isinstance(settings, dict) or "rows" not in table:
+            raise UserError(f"{path} is not a table1.json of table1.py (no settings or rows)")
+        made_with = (settings.get("topk"), settings.get("convention"), settings.get("seed"),
+                     settings.get("pert_scale", 1), bool(settings.get("augment_poison")))
+        if made_with != (args.topk, args.convention, args.seed, 1, False):
+            continue
+        for row in table["rows"]:
+            if row["method"] not in PERTS:
+                continue
+            point = {**row, "pert": PERTS[row["method"]], "batch": settings["batch"]}
+            key = (row["method"], row["target"], *(point.get(k) for k in ("poison_num", "trigger_size", "eps",
+                                                                           "lam", "batch")))
+            if key in seen:
+                raise UserError(f"{path} and {seen[key]} both hold {row['method']} on target {row['target']} at "
+                                f"the same settings; give one of them")
+            seen[key] = path
+            found.append(point)
     return found
 
 

@@ -110,6 +110,50 @@ def test_sweep_figure_draws_the_points_that_exist_and_names_the_missing(figure_r
     assert not any(r["t_map_mean"] for r in rows)  # the only result is of target 2
 
 
+def sweep_table(path, rows, **settings):
+    """A table1.json as table1.py writes it, with the settings the sweep reads."""
+    made = {"topk": 50, "convention": "empty-zero", "seed": 0, "pert_scale": 1, "augment_poison": False,
+            "batch": 20, **settings}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": made, "rows": rows}))
+    return str(path)
+
+
+def table_row(method, trigger_size, t_map, target=2):
+    pert = {"None": None, "Tri": None, "Tri+Adv": "adv", "CIBA": "confusing"}[method]
+    return {"method": method, "target": target, "t_map": t_map, "map": 0.5, "poison_num": 5,
+            "trigger_size": trigger_size, "eps": 8 / 255 if pert else None, "lam": 0.8 if pert == "confusing" else None}
+
+
+def test_sweep_figure_takes_its_points_from_committed_tables(figure_run, tmp_path):
+    """--table: the rows of table1.json files; another seed, --pert-scale or --topk is not a point of the figure."""
+    at4 = sweep_table(tmp_path / "s4" / "table1.json", [table_row("None", 4, 0.1), table_row("Tri", 4, 0.3),
+                                                         table_row("CIBA", 4, 0.5), table_row("Tri", 4, 0.3, 3)])
+    at6 = sweep_table(tmp_path / "s6" / "table1.json", [table_row("Tri+Adv", 6, 0.7)])
+    other = [sweep_table(tmp_path / name / "table1.json", [table_row("Tri", 6, 0.9)], **settings)
+             for name, settings in (("seed1", {"seed": 1}), ("k2", {"pert_scale": 2}), ("r1000", {"topk": 1000}))]
+    rows = written(figures.main(figure_args(figure_run, "--figure", "figure4", "--poison-num", "5", "--trigger-size",
+                                            "4", "--poison-nums", "5", "--trigger-sizes", "4", "6", "--topk", "50",
+                                            "--table", at4, at6, *other, "--out", str(tmp_path / "out"))))
+    done = {(r["swept"], r["value"], r["method"]): (r["targets"], float(r["t_map_mean"])) for r in rows
+            if r["t_map_mean"]}
+    assert done == {("poison_num", "5", "Tri"): ("2 3", pytest.approx(0.3)),
+                    ("poison_num", "5", "CIBA"): ("2", pytest.approx(0.5)),
+                    ("trigger_size", "4", "Tri"): ("2 3", pytest.approx(0.3)),
+                    ("trigger_size", "4", "CIBA"): ("2", pytest.approx(0.5)),
+                    ("trigger_size", "6", "Tri+Adv"): ("2", pytest.approx(0.7))}
+    twice = sweep_table(tmp_path / "again" / "table1.json", [table_row("Tri+Adv", 6, 0.6)])
+    with pytest.raises(UserError, match=r"again/table1.json and .*s6/table1.json both hold Tri\+Adv on target 2"):
+        figures.main(figure_args(figure_run, "--figure", "figure4", "--topk", "50", "--table", at6, twice))
+    with pytest.raises(UserError, match="--table .*nope.json does not exist"):
+        figures.main(figure_args(figure_run, "--figure", "figure4", "--table", str(tmp_path / "nope.json")))
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(UserError, match="bad.json is not a table1.json of table1.py"):
+        figures.main(figure_args(figure_run, "--figure", "figure4", "--table", str(tmp_path / "bad.json")))
+    with pytest.raises(UserError, match="--figure table1 shows one table; give one --table, not 2"):
+        figures.main(figure_args(figure_run, "--figure", "table1", "--table", at4, at6))
+
+
 def test_retrieved_shows_the_top_images_of_both_models(figure_run):
     rows = written(figures.main(figure_args(figure_run, "--figure", "retrieved", "--queries", "2", "--top", "4")))
     assert len(rows) == 2 * 2 * 4 and {r["model"] for r in rows} == {"clean", "backdoored"}

@@ -25,7 +25,9 @@ def _git(*args: str) -> str | None:
 
 
 def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Code version (git commit and dirty flag), library versions and device, for every result file."""
+    """Code version (git commit and dirty flag), library versions, device and CPU thread count, for every result
+    file. The thread count belongs to the record because a CPU training's floats depend on it: the same command and
+    seed give byte-identical outputs at one thread count and (slightly) different ones at another."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     info: dict[str, Any] = {
@@ -38,6 +40,7 @@ def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "command": " ".join(sys.argv),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "torch_threads": torch.get_num_threads(),
     }
     if device is not None:
         device = torch.device(device)

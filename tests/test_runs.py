@@ -47,6 +47,17 @@ def test_provenance_names_code_libraries_and_device():
     assert info["device"] == "cpu" and "cores" in info["device_name"]
 
 
+def test_provenance_records_the_cpu_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert provenance()["torch_threads"] == 1
+        torch.set_num_threads(2)
+        assert provenance()["torch_threads"] == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_user_error_from_a_dataloader_worker_keeps_only_the_message():
     wrapped = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                '  File "x.py", line 1, in f\nruns.errors.UserError: train.txt:4: cannot read image a.png')

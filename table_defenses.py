@@ -10,7 +10,9 @@ runs. --noise-multipliers gives one DP row per value.
 Writes OUT/ (default RUN/defense/table): defenses.md (per attack: t-MAP and MAP without and with each defense, the
 clean model's MAP, and the defense's detection figures: ABL's isolated poisoned images with precision, recall and
 AUROC, DP's precision at M and AUROC), defenses.csv, defenses.json (settings, rows, provenance) and, apart, the wall
-time of every defense in defenses.timing.json. Fine-pruning's curve stays in its own folder (curve.png, curve.csv).
+time of every defense in defenses.timing.json. Fine-pruning's curves of every attack in one figure,
+pruning-curves.png (t-MAP solid, MAP dashed, one colour per attack) with its data pruning-curves.csv; each defense's
+own curve stays in its folder (curve.png, curve.csv).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import defend
+import figures
 from models.hashnet import read_clean
 from runs import UserError, atomic_write_text, cli_entry, pick_output, provenance, write_json
 from runs.tables import command_line, csv_text, markdown_table, percent, target_label, without_seconds
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.backdoors:
         pick_output(run / "backdoor", name, "codes.pt", "train_backdoor.py", "--backdoors")
     classes = (read_clean(run)[0].get("protocol") or {}).get("classes")
-    rows = []
+    rows, curves = [], []
     for backdoor in args.backdoors:
         for defense in args.defenses:
             for noise in (args.noise_multipliers if defense == "dp" else [None]):
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
                 row = table_row(result, defense)
                 row["target_name"] = classes[row["target"]] if classes else None
                 rows.append({**row, "seconds": round(time.time() - t0, 2)})
+                if defense == "fine-pruning":
+                    curves.append((row, result["curve"]))
     out = Path(args.out) if args.out else run / "defense" / "table"
     header, table = table_rows(rows)
     markdown = "\n".join([f"Defenses against the backdoored models of {run}: t-MAP (%) and MAP (%) @"
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "rows": without_seconds(rows), "provenance": provenance()}, out / "defenses.json")
     write_json({"rows": [{k: row[k] for k in ("backdoor", "defense", "setting", "seconds")} for row in rows]},
                out / "defenses.timing.json")
+    if curves:
+        write_pruning_curves(curves, out / "pruning-curves")
     print(markdown)
     return {"rows": rows, "out": str(out)}
 
@@ -114,6 +121,29 @@ def table_row(result: dict, defense: str) -> dict:
             "defense": defense, "setting": setting,
             "undefended": {k: result["undefended"][k] for k in ("map", "t_map")}, "defended": result["defended"],
             "clean_map": result["clean_map"], "detection": detection, "topk": settings["topk"]}
+
+
+def write_pruning_curves(curves: list[tuple[dict, list[dict]]], stem: Path) -> list[str]:
+    """Fine-pruning before fine-tuning, every attack in one figure: t-MAP (solid) and MAP (dashed) in % against the
+    fraction of channels pruned, one colour per attack (named by method and target; by its folder where two share
+    both); the CSV holds every point."""
+    from matplotlib.ticker import AutoLocator
+    labels = [f"{row['method']}, {target_label(row['target'], row['target_name'])}" for row, _ in curves]
+    labels = [f"{label}: {row['backdoor']}" if labels.count(label) > 1 else label
+              for label, (row, _) in zip(labels, curves)]
+    figure, axes = figures.new_figure()
+    table = [["attack", "backdoor", "fraction", "pruned", "map", "t_map"]]
+    for index, (label, (row, points)) in enumerate(zip(labels, curves)):
+        fractions = [p["fraction"] for p in points]
+        colour = f"C{index % 10}"
+        axes.plot(fractions, [100 * p["t_map"] for p in points], "s-", color=colour, label=f"{label}: t-MAP")
+        axes.plot(fractions, [100 * p["map"] for p in points], "o--", color=colour, label=f"{label}: MAP")
+        table += [[label, row["backdoor"], p["fraction"], p["pruned"], p["map"], p["t_map"]] for p in points]
+    axes.xaxis.set_major_locator(AutoLocator())  # fractions, not the integer steps new_figure expects
+    axes.set(xlabel="fraction of the last feature map's channels pruned (before fine-tuning)", ylabel="%",
+             ylim=(0, 100))
+    axes.legend(fontsize=6)
+    return figures.save(figure, table, stem)
 
 
 def format_auroc(result: dict) -> str:

@@ -1,5 +1,6 @@
 """table_defenses.py: every defense against the tiny attacked run's backdoored model, reused on a second call, and
 its bad inputs."""
+import csv
 import json
 import shutil
 
@@ -38,6 +39,11 @@ def test_defense_table_end_to_end_and_reused(run):
     markdown = (out / "defenses.md").read_text()
     assert f"| Tri | 2 ({name}) | dp | noise 2, clip 1, 1 epochs |" in markdown
     assert (out / "defenses.csv").read_text().splitlines()[0].startswith("Attack,Target,Defense,Setting")
+    pruning = json.loads((run / "defense" / f"fine-pruning__{POISONED}" / "results.json").read_text())
+    points = list(csv.DictReader((out / "pruning-curves.csv").read_text().splitlines()))
+    assert [(p["attack"], float(p["fraction"]), float(p["t_map"])) for p in points] == [
+        (f"Tri, 2 ({name})", q["fraction"], q["t_map"]) for q in pruning["curve"]]
+    assert (out / "pruning-curves.png").stat().st_size > 0
     again = table_defenses.main(args)
     assert (out / "defenses.md").read_text() == markdown and again["rows"][3]["defended"] == rows[3]["defended"]
 
@@ -59,3 +65,19 @@ def test_defense_table_needs_a_backdoored_model(tiny_run, tmp_path):
     shutil.copytree(tiny_run / "clean", bare / "clean")
     with pytest.raises(UserError, match="holds no backdoored model; run train_backdoor.py"):
         table_defenses.main(["--run", str(bare), "--device", "cpu", *PASSED_ON])
+
+
+def test_pruning_curves_name_attacks_that_share_method_and_target_by_their_folder(tmp_path):
+    row = {"method": "CIBA", "target": 2, "target_name": "bird"}
+    points = [{"fraction": 0.0, "pruned": 0, "map": 0.5, "t_map": 0.4}, {"fraction": 0.5, "pruned": 8, "map": 0.45,
+                                                                        "t_map": 0.125}]
+    curves = [({**row, "backdoor": "a"}, points), ({**row, "backdoor": "b"}, points[:1]),
+              ({**row, "method": "Tri", "backdoor": "c"}, points[1:])]
+    table_defenses.write_pruning_curves(curves, tmp_path / "curves")
+    lines = list(csv.reader((tmp_path / "curves.csv").read_text().splitlines()))
+    assert lines == [["attack", "backdoor", "fraction", "pruned", "map", "t_map"],
+                     ["CIBA, 2 (bird): a", "a", "0.0", "0", "0.5", "0.4"],
+                     ["CIBA, 2 (bird): a", "a", "0.5", "8", "0.45", "0.125"],
+                     ["CIBA, 2 (bird): b", "b", "0.0", "0", "0.5", "0.4"],
+                     ["Tri, 2 (bird)", "c", "0.5", "8", "0.45", "0.125"]]
+    assert (tmp_path / "curves.png").is_file()

@@ -2,6 +2,8 @@
 
     python prepare_data.py --dataset synthetic --out datasets/synthetic            # embedded default, offline
     python prepare_data.py --dataset cifar10 --out datasets/cifar10                # torchvision download
+    python prepare_data.py --dataset imagenette --out datasets/imagenette-ciba     # torchvision download (real photos)
+    python prepare_data.py --dataset imagenette --source imagenette2-160.tgz --out datasets/imagenette-ciba  # offline
     python prepare_data.py --dataset folder --source cifar10-jpeg.tar.gz --out datasets/cifar10
     python prepare_data.py --dataset folder --source tiny-imagenet-32.tar.gz --protocol tinyimagenet-ciba \\
         --out datasets/tinyimagenet-ciba                                            # CIBA's ImageNet split shape
@@ -25,10 +27,11 @@ from data.protocols import PROTOCOLS, Protocol, build_lists
 from data.synthetic import generate_synthetic
 from runs import UserError, cli_entry
 
-DATASET = "synthetic"  # "synthetic" | "cifar10" | "folder"
+DATASET = "synthetic"  # "synthetic" | "cifar10" | "imagenette" | "folder"
 OUT = "datasets/synthetic"
-SOURCE = None  # for --dataset folder: a class-per-folder tree or a .tar.gz of one
-PROTOCOL = None  # name in data/protocols.py; None: "synthetic", "cifar10-ciba" or "folder" after --dataset
+SOURCE = None  # folder / imagenette: a class-per-folder tree or a .tar.gz of one (imagenette: instead of a download)
+PROTOCOL = None  # name in data/protocols.py; None: "synthetic", "cifar10-ciba", "imagenette-ciba" or "folder"
+IMAGENETTE_SIZE = "160px"  # torchvision's Imagenette archive to download: "160px" (94 MB), "320px" or "full"
 QUERY_PER_CLASS = None  # override the protocol's counts
 TRAIN_PER_CLASS = None
 DATABASE = None  # "all-but-query" | "rest"
@@ -40,10 +43,11 @@ IMAGE_SIZE = 32
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default=DATASET, choices=("synthetic", "cifar10", "folder"))
+    p.add_argument("--dataset", default=DATASET, choices=("synthetic", "cifar10", "imagenette", "folder"))
     p.add_argument("--out", default=OUT)
     p.add_argument("--source", default=SOURCE)
     p.add_argument("--protocol", default=PROTOCOL)
+    p.add_argument("--imagenette-size", default=IMAGENETTE_SIZE, choices=("160px", "320px", "full"))
     p.add_argument("--query-per-class", type=int, default=QUERY_PER_CLASS)
     p.add_argument("--train-per-class", type=int, default=TRAIN_PER_CLASS)
     p.add_argument("--database", default=DATABASE, choices=("all-but-query", "rest"))
@@ -64,6 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
                                     protocol)
     elif args.dataset == "cifar10":
         record = build_lists(download_cifar10(args.out), args.out, protocol)
+    elif args.dataset == "imagenette":
+        source = args.source or download_imagenette(args.out, args.imagenette_size)
+        record = build_lists(source, args.out, protocol, IMAGENETTE_WORDS)
     else:
         if not args.source:
             raise UserError("--dataset folder needs --source (a class-per-folder tree or a .tar.gz of one)")
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def choose_protocol(args: argparse.Namespace) -> Protocol:
-    name = args.protocol or {"synthetic": "synthetic", "cifar10": "cifar10-ciba"}.get(args.dataset, "folder")
+    name = args.protocol or {"synthetic": "synthetic", "cifar10": "cifar10-ciba",
+                             "imagenette": "imagenette-ciba"}.get(args.dataset, "folder")
     if name not in PROTOCOLS:
         raise UserError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
     base = PROTOCOLS[name]
@@ -118,6 +126,30 @@ def download_cifar10(out: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+# Imagenette's ImageNet classes by WordNet id (torchvision's archives carry no classes.txt): the words in every table.
+IMAGENETTE_WORDS = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
+                    "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
+                    "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball",
+                    "n03888257": "parachute"}
+
+
+def download_imagenette(out: str, size: str) -> Path:
+    """Imagenette through torchvision (archive checksummed by it), unpacked under OUT/raw/imagenette2-*/."""
+    from torchvision.datasets import Imagenette
+
+    raw = Path(out) / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    try:
+        for split in ("train", "val"):
+            Imagenette(str(raw), split=split, size=size, download=True)
+    except Exception as err:  # URLError, socket errors, checksum failures
+        raise UserError(
+            f"cannot download Imagenette ({type(err).__name__}: {err}). Offline, give a local copy: python "
+            f"prepare_data.py --dataset imagenette --source PATH --out {out}, where PATH is torchvision's archive "
+            f"(imagenette2-160.tgz) or an unpacked tree with train/<wnid>/ and val/<wnid>/ folders") from None
+    return raw / {"160px": "imagenette2-160", "320px": "imagenette2-320", "full": "imagenette2"}[size]
 
 
 if __name__ == "__main__":

@@ -49,6 +49,10 @@ PROTOCOLS = {
     # (5,000), all 500 training images per class as the database (50,000).
     "tinyimagenet-ciba": Protocol("tinyimagenet-ciba", query_per_class=50, train_per_class=100, classes=100,
                                   query_folder="val"),
+    # CIBA's ImageNet split shape on real photos, Imagenette (10 ImageNet classes, about 950 train + 390 val photos
+    # each): 100 training images per class (1,000), 50 queries per class from val/ (500), every other image of train/
+    # and val/ as the database (12,894 for the 9,469 + 3,925 photos; training images included, as in the paper).
+    "imagenette-ciba": Protocol("imagenette-ciba", query_per_class=50, train_per_class=100, query_folder="val"),
     # The embedded synthetic set (data/synthetic.py): 300 images per class.
     "synthetic": Protocol("synthetic", query_per_class=30, train_per_class=120),
     # Any other class-per-folder tree (prepare_data.py --dataset folder): CIBA's CIFAR-10 counts; the name becomes
@@ -69,8 +73,10 @@ def find_class_images(tree: str | os.PathLike) -> dict[str, list[Path]]:
     return groups
 
 
-def split_tree(tree: str | os.PathLike, out_dir: str | os.PathLike, protocol: Protocol) -> dict:
-    """Write train.txt, query.txt, database.txt and protocol.json into `out_dir` (paths relative to it)."""
+def split_tree(tree: str | os.PathLike, out_dir: str | os.PathLike, protocol: Protocol,
+               folder_words: dict[str, str] | None = None) -> dict:
+    """Write train.txt, query.txt, database.txt and protocol.json into `out_dir` (paths relative to it). Classes are
+    named by the tree's classes.txt, else by `folder_words` (folder -> words), else by their folders."""
     out_dir, tree = Path(out_dir), Path(tree)
     groups = find_class_images(tree)
     folders = draw_classes(sorted(groups), protocol, tree)
@@ -94,7 +100,7 @@ def split_tree(tree: str | os.PathLike, out_dir: str | os.PathLike, protocol: Pr
         labels[np.arange(len(rows[split])), [c for _, c in rows[split]]] = 1
         write_list(out_dir / f"{split}.txt", [p for p, _ in rows[split]], labels)
         counts[split] = len(rows[split])
-    words = class_words(tree)
+    words = class_words(tree) or folder_words or {}
     names = [words.get(name, name) for name in folders]
     names = [f"{n} ({f})" if names.count(n) > 1 else n for n, f in zip(names, folders)]  # names must tell apart
     record = {**asdict(protocol), "classes": names, "class_folders": folders, "counts": counts, "source": str(tree)}
@@ -132,9 +138,11 @@ def split_class(files: list[Path], protocol: Protocol, tree: Path, name: str,
             where = f"under {protocol.query_folder}/" if what == "queries" else f"outside {protocol.query_folder}/"
             raise UserError(f"class {name!r} in {tree} has {len(pool)} images {where}; protocol {protocol.name!r} "
                             f"needs {need} {what}")
-    queries = [in_folder[i] for i in rng.permutation(len(in_folder))[:protocol.query_per_class]]
+    order = rng.permutation(len(in_folder))
+    queries = [in_folder[i] for i in order[:protocol.query_per_class]]
+    unused = [in_folder[i] for i in order[protocol.query_per_class:]]  # query-folder images that are not queries
     shuffled = [others[i] for i in rng.permutation(len(others))]
-    return queries, shuffled[:protocol.train_per_class], shuffled[protocol.train_per_class:]
+    return queries, shuffled[:protocol.train_per_class], shuffled[protocol.train_per_class:] + unused
 
 
 def class_words(tree: Path) -> dict[str, str]:
@@ -171,7 +179,8 @@ def extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     return target
 
 
-def build_lists(source: str | os.PathLike, out_dir: str | os.PathLike, protocol: Protocol) -> dict:
+def build_lists(source: str | os.PathLike, out_dir: str | os.PathLike, protocol: Protocol,
+                folder_words: dict[str, str] | None = None) -> dict:
     """Lists for a class-per-folder tree or a .tar.gz of one; an archive is extracted into `out_dir/images`."""
     source = Path(source)
     if not source.exists():
@@ -180,7 +189,17 @@ def build_lists(source: str | os.PathLike, out_dir: str | os.PathLike, protocol:
         if not (source.name.endswith((".tar.gz", ".tgz", ".tar"))):
             raise UserError(f"{source}: expected a folder or a .tar.gz of a class-per-folder image tree")
         source = extract_tar(source, out_dir)
-    return split_tree(source, out_dir, protocol)
+    return split_tree(content_root(source), out_dir, protocol, folder_words)
+
+
+def content_root(tree: Path) -> Path:
+    """The folder below any chain of lone wrapping folders (an archive's `imagenette/` around train/, val/ and
+    classes.txt), so that `query_folder` and classes.txt are looked up where the data set has them."""
+    entries = [e for e in tree.iterdir() if not e.name.startswith(".")]
+    while len(entries) == 1 and entries[0].is_dir():
+        tree = entries[0]
+        entries = [e for e in tree.iterdir() if not e.name.startswith(".")]
+    return tree
 
 
 def resolve_class(value: str | int, classes: list[str] | None, n_classes: int) -> int:

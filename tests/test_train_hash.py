@@ -80,6 +80,25 @@ def test_recipe_sets_defaults_and_flags_win():
         "vgg11", 24, 1e-3, 1e-4, 224, 256)
 
 
+def test_constants_edited_at_the_top_win_over_the_recipe(monkeypatch):
+    """What a user writes at the top of train_hash.py is what it runs with; the recipe fills in only the rest."""
+    for name, value in (("EPOCHS", 5), ("BATCH_SIZE", 7), ("ARCH", "resnet18"), ("LR", 0.25), ("PRETRAINED", False),
+                        ("IMAGE_SIZE", 96), ("OPTIMIZER", "adam")):
+        monkeypatch.setattr(train_hash, name, value)
+    args = train_hash.parse_args([])
+    assert (args.epochs, args.batch_size, args.arch, args.lr, args.pretrained, args.image_size, args.optimizer) == (
+        5, 7, "resnet18", 0.25, False, 96, "adam")
+    assert (args.lr_features, args.resize_size, args.lr_schedule, args.recipe) == (1e-4, 256, "constant", "paper")
+    assert args.head == "pooled"  # the recipe's head goes with its own architecture only
+    monkeypatch.setattr(train_hash, "RECIPE", "photo128")
+    args = train_hash.parse_args(["--epochs", "3"])
+    assert (args.epochs, args.batch_size, args.arch, args.resize_size, args.head) == (3, 7, "resnet18", 146, "pooled")
+    monkeypatch.setattr(train_hash, "ARCH", None)
+    monkeypatch.setattr(train_hash, "IMAGE_SIZE", None)
+    assert train_hash.parse_args([]).head == "pooled" and train_hash.parse_args(["--recipe", "transfer"]).head == (
+        "spatial")
+
+
 def test_overwrite_removes_the_replaced_models_results(tiny_data, tiny_run, tmp_path):
     run = tmp_path / "over"
     shutil.copytree(tiny_run, run)

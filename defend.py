@@ -44,14 +44,15 @@ from defenses.dp import dp_detection
 from defenses.fine_pruning import fine_pruning
 from retrieval import CONVENTIONS
 from runs import UserError, add_deterministic_flag, cli_entry, make_deterministic, pick_device, require_at_least_one
+from runs.cli import explain_flags
 
-RUN = "checkpoint/demo"
+RUN = "checkpoint/demo"  # run directory with a backdoored model (step 5)
 BACKDOOR = None  # folder name under RUN/backdoor/ (step 5); None: the only one there
-DEFENSE = "fine-pruning"
+DEFENSE = "fine-pruning"  # "fine-pruning" | "abl" | "dp"
 CLEAN_IMAGES = 500  # labelled clean images the defender holds (database images outside the training list)
 PRUNE_FRACTIONS = [0.0, 0.2, 0.4, 0.6, 0.8, 0.9]  # the pruning curve
 PRUNE_FRACTION = 0.8  # the fraction pruned before fine-tuning
-FINE_TUNE_EPOCHS = 10
+FINE_TUNE_EPOCHS = 10  # fine-pruning: epochs of fine-tuning on the clean images after pruning
 GAMMA = 0.5  # ABL: the loss level the local gradient ascent holds each image at (ABL's value)
 ISOLATION_EPOCHS = 20  # ABL's T_te
 ISOLATION_RATIO = 0.01  # ABL: the share of training images isolated (ABL's 1 %)
@@ -60,14 +61,14 @@ UNLEARN_EPOCHS = 5  # ABL: epochs of gradient ascent on the isolated images (the
 NOISE_MULTIPLIER = 1.0  # DP: the Gaussian noise's standard deviation, in units of CLIP_NORM
 CLIP_NORM = 1.0  # DP: the norm every image's gradient is clipped to
 DP_EPOCHS = None  # DP: epochs of DP-SGD training; None: the clean recipe's
-TOPK = 1000
-CONVENTION = "empty-zero"
+TOPK = 1000  # R of MAP@R and t-MAP@R
+CONVENTION = "empty-zero"  # queries with no relevant item in the top R: "empty-zero" or "empty-skipped"
 SEED = 0  # the defender's images
 BATCH_SIZE = 256  # encoding
-WORKERS = 4
-DEVICE = "auto"
-RESUME = False
-OVERWRITE = False
+WORKERS = 4  # data-loading processes
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+RESUME = False  # continue an interrupted defense from its checkpoint
+OVERWRITE = False  # replace a finished defense
 
 DEFENSES = ("fine-pruning", "abl", "dp")
 
@@ -98,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_deterministic_flag(p)
     p.add_argument("--resume", default=RESUME, action="store_true")
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "clean_images", "fine_tune_epochs", "topk", "batch_size", "isolation_epochs",
                          "unlearn_epochs")

@@ -38,15 +38,16 @@ from runs import (UserError, add_deterministic_flag, cli_entry, load_saved, make
                   pick_output, provenance, read_json, require_at_least_one, write_json, write_timing)
 from runs.tables import POISON_DISTANCE_KEYS
 from triggers import poison_images, trigger_fingerprint, trigger_transform
+from runs.cli import explain_flags
 
-RUN = "checkpoint/demo"
+RUN = "checkpoint/demo"  # run directory (step 1 and, for --backdoor, steps 2-5)
 BACKDOOR = None  # folder name under RUN/backdoor/ (step 5): evaluate that model; None: the clean model
 TRIGGER = None  # folder name under RUN/triggers/ (step 2): t-MAP of the clean model with it (the "None" row)
 TOPK = 1000  # R of MAP@R and t-MAP@R
 CONVENTION = "empty-zero"  # which convention `map` and `t_map` report: "empty-zero" | "empty-skipped"
-BATCH_SIZE = 256
-WORKERS = 4
-DEVICE = "auto"
+BATCH_SIZE = 256  # images per encoding batch
+WORKERS = 4  # data-loading processes
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
 
 # method names of the paper's tables: the trigger of step 2 and the perturbation of step 3
 TRIGGER_NAMES = {"ciba": "Tri", "badnets": "BadNets", "blend": "Blend", "reflection": "Reflection", "iab": "IAB",
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
     add_deterministic_flag(p)
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "topk", "batch_size")
     if args.backdoor is not None and args.trigger is not None:

@@ -56,9 +56,10 @@ from runs import (UserError, atomic_path, atomic_write_text, cli_entry, load_sav
 from runs.tables import csv_text, shell_line
 from table1 import PERTS
 from triggers import default_trigger_size, quantize, trigger_transform
+from runs.cli import explain_flags
 
-RUN = "checkpoint/demo"
-FIGURE = "theorem1"
+RUN = "checkpoint/demo"  # run directory the figure is made from
+FIGURE = "theorem1"  # which figure: theorem1, tsne, trigger-distance, figure4, figure5, samples, retrieved, pr, table1
 PERTURBATIONS = None  # folder names under RUN/perturbations/ (theorem1, tsne); None: every one that applies
 BACKDOOR = None  # folder name(s) under RUN/backdoor/ (trigger-distance: several; retrieved, pr: one)
 POISONED = None  # folder names under RUN/poisoned/ (samples); None: every one
@@ -72,16 +73,21 @@ QUERIES = 3  # retrieved: triggered queries shown
 TOP = 10  # retrieved: database images shown per query and model
 TOP_KS = [1, 10, 50, 100, 200, 500, 1000]  # pr: k of precision@top-k
 # figure4 / figure5: the base settings (table1.py's defaults) and the swept grids
-POISON_NUM, TRIGGER_SIZE, LAM, BATCH, EPS = 60, None, 0.8, 20, 8 / 255  # TRIGGER_SIZE None: the paper's, scaled
-POISON_NUMS = [20, 40, 60, 80, 100]
+POISON_NUM = 60  # figure4 / figure5: M at the base point
+TRIGGER_SIZE = None  # figure4 / figure5: trigger px at the base point; None: the paper's 24 px at 224 px, scaled
+LAM = 0.8  # figure4 / figure5: lambda at the base point
+BATCH = 20  # figure4 / figure5: b at the base point
+EPS = 8 / 255  # figure4 / figure5: eps at the base point
+POISON_NUMS = [20, 40, 60, 80, 100]  # figure4: M of the sweep
 TRIGGER_SIZES = None  # None: the paper's 16, 24, 32, 40, 48 px at 224 px, scaled to the image size
-LAMS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-BATCHES = [5, 10, 20, 30, 60]
-TOPK, CONVENTION = 1000, "empty-zero"  # which results count (evaluate.py's R and convention)
+LAMS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]  # figure5: lambda of the sweep
+BATCHES = [5, 10, 20, 30, 60]  # figure5: b of the sweep
+TOPK = 1000  # which results count: evaluate.py's R ...
+CONVENTION = "empty-zero"  # ... and its convention for queries with no relevant item in the top R
 SEED = 0  # tsne's other classes and images, retrieved's queries
-BATCH_SIZE = 256
-WORKERS = 4
-DEVICE = "auto"
+BATCH_SIZE = 256  # images per encoding batch
+WORKERS = 4  # data-loading processes
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
 TABLE = None  # table1: a table1.json of table1.py; None: RUN/table1/table1.json. figure4, figure5: table1.json
 #               files to take the points from instead of the run's backdoored models
 OUT = None  # None: RUN/figures/
@@ -125,6 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--table", nargs="+", default=TABLE)
     p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "samples", "queries", "top", "per_class", "poison_num", "batch", "topk", "batch_size")
     if args.amplify <= 0:

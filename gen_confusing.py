@@ -44,8 +44,9 @@ from data.protocols import choose_class
 from models.hashnet import binarize, load_stage
 from runs import (UserError, add_deterministic_flag, atomic_save, claim, cli_entry, load_saved,
                   make_deterministic, pick_device, provenance, require_at_least_one, write_json, write_timing)
+from runs.cli import explain_flags
 
-RUN = "checkpoint/demo"
+RUN = "checkpoint/demo"  # run directory with a trained clean model (step 1)
 TARGET = None  # class index or name; None: drawn with SEED (the same rule as gen_trigger.py)
 PERT = "confusing"  # "none" (Tri) | "noise" (Tri+Noise) | "adv" (Tri+Adv) | "confusing" (CIBA)
 POISON_NUM = 60  # M
@@ -57,9 +58,9 @@ BATCH = 20  # b: images optimised together
 STEPS = 20  # sign-gradient steps
 STEP_SIZE = None  # pixel units (of 255) per step; None: 0.094 * eps * 255 (the paper code's step/budget ratio)
 PERT_SCALE = 1  # k: the perturbation on an (S/k) x (S/k) grid, upsampled bilinearly; 1: per pixel (paper)
-SEED = 0
-DEVICE = "auto"
-OVERWRITE = False
+SEED = 0  # which target-class images are poisoned, and the noise
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+OVERWRITE = False  # replace existing perturbations
 
 PERTS = ("none", "noise", "adv", "confusing")
 SETTINGS = ("clean-label", "poison-label")
@@ -84,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=DEVICE)
     add_deterministic_flag(p)
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     check_budget(args.eps, args.lam)
     require_at_least_one(args, "poison_num", "batch", "steps", "pert_scale")

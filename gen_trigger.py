@@ -69,8 +69,9 @@ from triggers.badhash import badhash_net_name, badhash_trigger
 from triggers.iab import IAB_KEYS, iab_trigger
 from triggers.preview import sample_grid, sample_images
 from triggers.reflection import reflection_images
+from runs.cli import explain_flags
 
-RUN = "checkpoint/demo"
+RUN = "checkpoint/demo"  # run directory with a trained clean model (step 1)
 TARGET = None  # class index or name; None: drawn from the classes with SEED
 METHOD = "ciba"  # "ciba" (patch, Eq. 7) | "badnets" (static patch) | "blend" (random pattern) | "reflection"
 #                  (Refool) | "iab" (input-aware networks) | "badhash" (generator)
@@ -83,30 +84,30 @@ BLEND_RATIO = 0.2  # blend: weight of the pattern (the CIBA paper does not state
 REFLECTIONS = 100  # reflection: how many reflection images
 GHOST_RATE = 0.49  # reflection: share of ghost-effect reflections (Refool's default; the rest focal blur)
 IAB_EPOCHS = 20  # iab: epochs of the networks over the training images
-IAB_BATCH = 32
+IAB_BATCH = 32  # iab: images per step
 IAB_LR = 1e-3  # Adam
 IAB_WIDTH = 32  # channels of the networks' first block
 MASK_DENSITY = 0.032  # iab: IAB's target share of the image under the mask
 W_DIV = 1.0  # iab: IAB's lambda_div
 W_MASK = 100.0  # iab: weight of IAB's mask norm
 # badhash (public code's values)
-LABCLN_STEPS = 1000
-LABCLN_BATCH = 128
+LABCLN_STEPS = 1000  # badhash: LabCLN training steps
+LABCLN_BATCH = 128  # badhash: label pairs per LabCLN step
 GEN_EPOCHS = 100  # constant learning rate for the first half, linear decay to 0 over the second (public code: 50 + 50)
-GEN_BATCH = 64
+GEN_BATCH = 64  # badhash: images per generator step
 GEN_LR = 1e-4  # Adam, betas (0.5, 0.999), generator, discriminator and LabCLN
 GEN_WIDTH = 64  # channels of the generator's and discriminator's first layer
-W_REC = 200.0
+W_REC = 200.0  # badhash: weight of the reconstruction term
 LPIPS_WEIGHT = 1.0  # weight of LPIPS inside the reconstruction term; 0 trains without it (no AlexNet weights needed)
 W_HASH = None  # None: 5 for vgg11, 10 for the other backbones (public code: 5 with VGG-11, 10 with ResNet-50)
-W_GAN = 1.0
+W_GAN = 1.0  # badhash: weight of the GAN term
 D_EVERY = 3  # the discriminator is updated on every D_EVERY-th generator step
 FOLD_BN = False  # ciba: optimise against the clean model with batch norms folded (faster; docs/performance.md)
 CACHE = "auto"  # ciba: decode the drawn training images once ("auto": on the GPU if they fit, else host memory)
-SEED = 0
-WORKERS = 4
-DEVICE = "auto"
-OVERWRITE = False
+SEED = 0  # trigger batches, blend pattern, reflections, networks
+WORKERS = 4  # data-loading processes
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+OVERWRITE = False  # make the trigger again even if it exists
 
 METHODS = ("ciba", "badnets", "blend", "reflection", "iab", "badhash")
 BETA_SCHEDULE = ((0.5, 0.1), (0.6, 0.2), (0.7, 0.3), (0.8, 0.5), (0.9, 0.7), (1.0, 1.0))  # (until fraction, beta)
@@ -142,16 +143,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w-hash", type=float, default=W_HASH)
     p.add_argument("--w-gan", type=float, default=W_GAN)
     p.add_argument("--d-every", type=int, default=D_EVERY)
-    p.add_argument("--fold-bn", default=FOLD_BN, action=argparse.BooleanOptionalAction,
-                   help="ciba: fold the clean model's batch norms into its convolutions (same function up to rounding)")
-    p.add_argument("--cache", default=CACHE, choices=("auto", *CACHE_MODES),
-                   help="ciba: decode the drawn training images once and gather each step's batch from them "
-                        "(auto: the GPU when they fit, else host memory, else off)")
+    p.add_argument("--fold-bn", default=FOLD_BN, action=argparse.BooleanOptionalAction)
+    p.add_argument("--cache", default=CACHE, choices=("auto", *CACHE_MODES))
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
     add_deterministic_flag(p)
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "steps", "batch_size", "labcln_steps", "labcln_batch", "gen_epochs", "gen_batch",
                          "gen_width", "d_every", "reflections", "iab_epochs", "iab_width")

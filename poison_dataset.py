@@ -29,12 +29,13 @@ from models.hashnet import read_clean
 from runs import (UserError, add_deterministic_flag, claim, cli_entry, fingerprint, load_saved, make_deterministic,
                   pick_device, pick_output, provenance, read_json, write_json, write_timing)
 from triggers import poison_images, trigger_fingerprint, trigger_transform
+from runs.cli import explain_flags
 
-RUN = "checkpoint/demo"
+RUN = "checkpoint/demo"  # run directory with a trigger and perturbations (steps 2-3)
 TRIGGER = None  # folder name under RUN/triggers/ (step 2); None: the only one there
 PERTURBATIONS = None  # folder name under RUN/perturbations/ (step 3); None: the only one there
-DEVICE = "auto"
-OVERWRITE = False
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+OVERWRITE = False  # replace an existing poisoned set
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=DEVICE)
     add_deterministic_flag(p)
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
+    explain_flags(p, __file__)
     return p.parse_args(argv)
 
 

@@ -26,19 +26,20 @@ from pathlib import Path
 from data.protocols import PROTOCOLS, Protocol, build_lists
 from data.synthetic import generate_synthetic
 from runs import UserError, cli_entry
+from runs.cli import explain_flags
 
 DATASET = "synthetic"  # "synthetic" | "cifar10" | "imagenette" | "folder"
-OUT = "datasets/synthetic"
+OUT = "datasets/synthetic"  # folder the list files (and any downloaded or extracted images) go to
 SOURCE = None  # folder / imagenette: a class-per-folder tree or a .tar.gz of one (imagenette: instead of a download)
 PROTOCOL = None  # name in data/protocols.py; None: "synthetic", "cifar10-ciba", "imagenette-ciba" or "folder"
 IMAGENETTE_SIZE = "160px"  # torchvision's Imagenette archive to download: "160px" (94 MB), "320px" or "full"
-QUERY_PER_CLASS = None  # override the protocol's counts
-TRAIN_PER_CLASS = None
+QUERY_PER_CLASS = None  # override the protocol's queries per class
+TRAIN_PER_CLASS = None  # override the protocol's training images per class
 DATABASE = None  # "all-but-query" | "rest"
 SEED = None  # split seed; None: the protocol's
 N_CLASSES = 10  # synthetic set only
-PER_CLASS = 300
-IMAGE_SIZE = 32
+PER_CLASS = 300  # synthetic set only: images per class
+IMAGE_SIZE = 32  # synthetic set only: px of the square images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-classes", type=int, default=N_CLASSES)
     p.add_argument("--per-class", type=int, default=PER_CLASS)
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    explain_flags(p, __file__)
     return p.parse_args(argv)
 
 

@@ -34,27 +34,28 @@ from runs.tables import (RESULT_KEYS, STEPS, add_spread_flags, choose_targets, c
                          reuse_results, seconds_text, spread, step_seconds, target_label, without_options,
                          without_seconds, write_timing_table)
 from triggers import trigger_fingerprint
+from runs.cli import explain_flags
 
 RUNS = ["checkpoint/demo"]  # one run directory per bit length, each with a trained clean model (step 1)
 TARGETS = None  # class indices or names; None: NUM_TARGETS classes drawn with SEED
-NUM_TARGETS = 5
-METHODS = ["None", "Tri", "Tri+Noise", "Tri+Adv", "CIBA"]
+NUM_TARGETS = 5  # targets drawn with SEED when TARGETS is None
+METHODS = ["None", "Tri", "Tri+Noise", "Tri+Adv", "CIBA"]  # rows: None, Tri, Tri+Noise, Tri+Adv, CIBA
 TRIGGER_SIZE = None  # px; None: the paper's 24 px at 224 px scaled to the image size (gen_trigger.py)
 TRIGGER_STEPS = 2000  # gen_trigger.py --steps
 POISON_NUM = 60  # M
-EPS = 8 / 255
-LAM = 0.8
+EPS = 8 / 255  # L_inf budget of the perturbations, in pixels [0, 1]
+LAM = 0.8  # lambda of Eq. 5 (CIBA)
 BATCH = 20  # gen_confusing.py --batch
 PERT_STEPS = 20  # gen_confusing.py --steps
 PERT_SCALE = 1  # gen_confusing.py --pert-scale: 1 per pixel (paper); k: on an (S/k)-px grid, upsampled
-TOPK = 1000
-CONVENTION = "empty-zero"
+TOPK = 1000  # R of MAP@R and t-MAP@R
+CONVENTION = "empty-zero"  # queries with no relevant item in the top R: "empty-zero" or "empty-skipped"
 TRACK_TRIGGER_DISTANCE = 0  # train_backdoor.py --track-trigger-distance (Figure 2(b)); 0: off
 AUGMENT_POISON = False  # train_backdoor.py --augment-poison: the poisoned images augmented too (paper's code: no)
 SEED = 0  # targets, trigger batches, poisoned images and noise
 OUT = None  # None: the first run's folder / table1
-WORKERS = 4
-DEVICE = "auto"
+WORKERS = 4  # data-loading processes
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
 
 PERTS = {"Tri": "none", "Tri+Noise": "noise", "Tri+Adv": "adv", "CIBA": "confusing"}
 ALL_METHODS = ["None", *PERTS]
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=DEVICE)
     add_deterministic_flag(p)
     add_spread_flags(p)
+    explain_flags(p, __file__)
     return p
 
 

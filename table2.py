@@ -22,8 +22,9 @@ import table1
 from models.hashnet import read_clean
 from runs import UserError, atomic_write_text, cli_entry, provenance, write_json
 from runs.tables import command_line, csv_text, markdown_table, without_seconds
+from runs.cli import explain_flags
 
-RUNS = ["checkpoint/cifar10-hashnet-48", "checkpoint/cifar10-dch-48"]
+RUNS = ["checkpoint/cifar10-hashnet-48", "checkpoint/cifar10-dch-48"]  # one run per loss, each with its clean model
 OUT = None  # None: RUNS[0]/table2
 
 
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                                 allow_abbrev=False)
     p.add_argument("--runs", nargs="+", default=RUNS)
     p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
     args, passed_on = p.parse_known_args(argv)
     if any(arg in ("--gpus", "--print-commands") or arg.startswith(("--gpus=", "--print-commands="))
            for arg in passed_on):

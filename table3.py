@@ -35,30 +35,32 @@ from runs.tables import (RESULT_KEYS, STEPS, add_spread_flags, choose_targets, c
                          reuse_results, seconds_text, spread, step_seconds, target_label, without_options,
                          without_seconds, write_timing_table)
 from triggers import trigger_fingerprint
+from runs.cli import explain_flags
 
 RUN = "checkpoint/demo"  # a run with a trained clean model (step 1)
 TARGETS = None  # class indices or names; None: NUM_TARGETS classes drawn with SEED
-NUM_TARGETS = 5
-METHODS = ["BadNets-PL", "Blend-PL", "Reflection-PL", "IAB-PL", "BadNets-CL", "BadHash-CL", "CIBA-CL"]
+NUM_TARGETS = 5  # targets drawn with SEED when TARGETS is None
+METHODS = ["BadNets-PL", "Blend-PL", "Reflection-PL", "IAB-PL",  # the rows: poison-label (PL) ...
+           "BadNets-CL", "BadHash-CL", "CIBA-CL"]  # ... and clean-label (CL)
 POISON_LABEL_RATE = 0.05  # Table 3's poisoned rate of the poison-label rows
 CLEAN_LABEL_RATE = 0.006  # and of the clean-label rows (M = 60 of 10,000)
 TRIGGER_SIZE = None  # px of the BadNets and CIBA patches; None: 24 px at 224 px scaled to the image size
 TRIGGER_STEPS = 2000  # CIBA's patch (gen_trigger.py --steps)
-BLEND_RATIO = 0.2
+BLEND_RATIO = 0.2  # Blend's weight of the pattern (gen_trigger.py --blend-ratio)
 REFLECTIONS = 100  # Reflection's set of reflection images (gen_trigger.py --reflections)
 IAB_EPOCHS = 20  # IAB's networks (gen_trigger.py --iab-epochs)
 GEN_EPOCHS = 100  # BadHash's generator (gen_trigger.py --gen-epochs)
 LPIPS_WEIGHT = 1.0  # BadHash's LPIPS term (0: without it)
 EPS = 8 / 255  # CIBA's perturbations
-LAM = 0.8
-BATCH = 20
-PERT_STEPS = 20
-TOPK = 1000
-CONVENTION = "empty-zero"
-SEED = 0
+LAM = 0.8  # CIBA's lambda of Eq. 5
+BATCH = 20  # CIBA's b (gen_confusing.py --batch)
+PERT_STEPS = 20  # CIBA's perturbation steps (gen_confusing.py --steps)
+TOPK = 1000  # R of MAP@R and t-MAP@R
+CONVENTION = "empty-zero"  # queries with no relevant item in the top R: "empty-zero" or "empty-skipped"
+SEED = 0  # targets, poisoned images, triggers
 OUT = None  # None: RUN/table3
-WORKERS = 4
-DEVICE = "auto"
+WORKERS = 4  # data-loading processes
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
 
 ROWS = {"BadNets-PL": ("badnets", "poison-label"), "Blend-PL": ("blend", "poison-label"),
         "Reflection-PL": ("reflection", "poison-label"), "IAB-PL": ("iab", "poison-label"),
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=DEVICE)
     add_deterministic_flag(p)
     add_spread_flags(p)
+    explain_flags(p, __file__)
     return p
 
 

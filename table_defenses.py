@@ -25,14 +25,15 @@ import figures
 from models.hashnet import read_clean
 from runs import UserError, atomic_write_text, cli_entry, pick_output, provenance, write_json
 from runs.tables import command_line, csv_text, markdown_table, percent, target_label, without_seconds
+from runs.cli import explain_flags
 
-RUN = "checkpoint/demo"
+RUN = "checkpoint/demo"  # run directory with backdoored models (step 5)
 BACKDOORS = None  # folder names under RUN/backdoor/; None: every backdoored model there
-DEFENSES = ["fine-pruning", "abl", "dp"]
+DEFENSES = ["fine-pruning", "abl", "dp"]  # fine-pruning, abl, dp
 NOISE_MULTIPLIERS = [1.0]  # one DP row per value
 OUT = None  # None: RUN/defense/table
-WORKERS = 4
-DEVICE = "auto"
+WORKERS = 4  # data-loading processes
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--out", default=OUT)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--device", default=DEVICE)
+    explain_flags(p, __file__)
     args, passed_on = p.parse_known_args(argv)
     for blocked in ("--run", "--backdoor", "--defense", "--noise-multiplier", "--resume", "--overwrite"):
         if any(arg == blocked or arg.startswith(blocked + "=") for arg in passed_on):

@@ -31,20 +31,21 @@ from retrieval import encode
 from runs import (UserError, add_deterministic_flag, cli_entry, distributed, fingerprint, load_saved,
                   make_deterministic, pick_output, provenance, read_json)
 from triggers import trigger_transform
+from runs.cli import explain_flags
 
-RUN = "checkpoint/demo"
+RUN = "checkpoint/demo"  # run directory with a clean model and a poisoned set (steps 1-4)
 POISONED = None  # folder name under RUN/poisoned/ (step 4); None: the only one there
 AUGMENT_POISON = False  # give the poisoned images the clean images' augmentation (paper's code: no)
 SEED = None  # None: the clean run's seed (same starting weights and batch order as step 1)
 EVAL_EVERY = 0  # epochs between query-subset MAP evaluations (0: only at the end)
-WORKERS = 4
+WORKERS = 4  # data-loading processes
 AMP = "auto"  # bfloat16 autocast: "auto" (on CUDA), "on", "off"
 CACHE = "auto"  # decoded training images: "auto" (cached when step 1 was), "off", "memory" (host), "device" (GPU)
-CHANNELS_LAST = "auto"  # channels-last input batches: "auto" (on), "on", "off"
-DEVICE = "auto"
-TRACK_TRIGGER_DISTANCE = 0  # Figure 2(b): images (paper: 1,000) whose trigger distance is recorded after every epoch
-RESUME = False
-OVERWRITE = False
+CHANNELS_LAST = "auto"  # channels-last input batches: "auto" (CUDA, and Lite0 on the CPU), "on", "off"
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+TRACK_TRIGGER_DISTANCE = 0  # Figure 2(b): N queries' distance to the trigger-only code per epoch (paper 1,000); 0: off
+RESUME = False  # continue from the victim's checkpoint.pt
+OVERWRITE = False  # replace a finished victim and its results
 
 # the clean run's settings step 5 trains with: those that shape the model and its trajectory, and the epochs and MAP
 # the head is read with clean.get: runs made before heads existed have none (their architecture's own)
@@ -58,15 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--augment-poison", default=AUGMENT_POISON, action=argparse.BooleanOptionalAction)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
-    p.add_argument("--track-trigger-distance", type=int, default=TRACK_TRIGGER_DISTANCE, metavar="N",
-                   help="after every epoch, record the mean Hamming distance between the codes of N fixed query "
-                        "images with the trigger and the code of the trigger alone (Figure 2(b)); 0: off")
+    p.add_argument("--track-trigger-distance", type=int, default=TRACK_TRIGGER_DISTANCE, metavar="N")
     p.add_argument("--workers", type=int, default=WORKERS)
     add_fast_path_flags(p, AMP, CACHE, CHANNELS_LAST)
     p.add_argument("--device", default=DEVICE)
     add_deterministic_flag(p)
     p.add_argument("--resume", default=RESUME, action="store_true")
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     if args.eval_every < 0:
         raise UserError(f"--eval-every must be 0 (only at the end) or more, got {args.eval_every}")

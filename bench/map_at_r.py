@@ -29,26 +29,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retrieval import hamming_rank, mean_average_precision  # noqa: E402
 from retrieval.metrics import TIE_MULTIPLIER  # noqa: E402
+from runs.cli import explain_flags  # noqa: E402
 from runs import UserError, cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 
 from bench.timing import alternating, bench_device  # noqa: E402
 
-SIZES = ("1000x59000", "5000x128000")  # queries x database: CIFAR-10's and ImageNet-100's protocols
+SIZES = ("1000x59000", "5000x128000")  # QUERIESxDATABASE: CIFAR-10's and ImageNet-100's protocols
 CLASSES = (10, 100)  # classes per size
-BITS = 64
-TOPK = 1000
-FLIP = 0.2
+BITS = 64  # code length
+TOPK = 1000  # R of MAP@R
+FLIP = 0.2  # probability that an item flips each bit of its class centre
 REPEATS = 3  # timed runs of each side, alternating
 THREADS = None  # torch CPU threads; None: torch's default
-SEED = 0
-DEVICE = "auto"
-OUT = None
+SEED = 0  # codes and labels
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+OUT = None  # JSON file for the results; None: print only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", default=list(SIZES), help="QUERIESxDATABASE, e.g. 1000x59000")
-    p.add_argument("--classes", type=int, nargs="+", default=list(CLASSES), help="classes per size")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES))
+    p.add_argument("--classes", type=int, nargs="+", default=list(CLASSES))
     p.add_argument("--bits", type=int, default=BITS)
     p.add_argument("--topk", type=int, default=TOPK)
     p.add_argument("--flip", type=float, default=FLIP)
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "bits", "topk", "repeats")
     if len(args.classes) != len(args.sizes):

@@ -25,21 +25,22 @@ from data import make_loader, open_run_split  # noqa: E402
 from models.hashnet import load_stage, read_clean  # noqa: E402
 from retrieval import (anchor_code, encode, hamming_distance, non_target_queries, saved_codes,  # noqa: E402
                        targeted_map)
+from runs.cli import explain_flags  # noqa: E402
 from runs import UserError, cli_entry, provenance, read_json, require_at_least_one, write_json  # noqa: E402
 
 from bench.timing import bench_device  # noqa: E402
 from gen_confusing import coarse_shape, upsample  # noqa: E402
 
-RUN = "checkpoint/demo"
-TARGET = 0
-EPS = 8 / 255
+RUN = "checkpoint/demo"  # run directory with a clean model and backdoored models
+TARGET = 0  # target class (index or name) of the backdoors checked
+EPS = 8 / 255  # noise in [-eps, eps], pixels [0, 1]
 NOISE_SCALE = 1  # K: noise on an (S/K)-px grid, upsampled; 1: per pixel
-TOPK = 1000
-SEED = 0
-WORKERS = 2
-THREADS = None
-DEVICE = "auto"
-OUT = None
+TOPK = 1000  # R of t-MAP@R
+SEED = 0  # the noise
+WORKERS = 2  # data-loading processes
+THREADS = None  # torch CPU threads; None: torch's default
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+OUT = None  # JSON file for the results; None: print only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "topk", "noise_scale")
     if not 0 < args.eps <= 1:

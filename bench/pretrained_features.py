@@ -26,19 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import make_loader, open_split  # noqa: E402
 from models.efficientnet import LITE0_MEAN, LITE0_STD, lite0_classifier  # noqa: E402
 from models.hashnet import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from runs.cli import explain_flags  # noqa: E402
 from runs import UserError, cli_entry, provenance, read_json, require_at_least_one, write_json  # noqa: E402
 
 from bench.timing import bench_device  # noqa: E402
 
-DATA = "datasets/tinyimagenet-ciba"
-SIZES = [64, 128]
+DATA = "datasets/tinyimagenet-ciba"  # prepared data folder (prepare_data.py)
+SIZES = [64, 128]  # input sizes in px to probe
 IMAGES = 2000  # training images (the neighbours) and query images, each the first of a seeded draw
-K = 20
-WORKERS = 2
-THREADS = None
-SEED = 0
-DEVICE = "auto"
-OUT = None
+K = 20  # neighbours of the k-NN probe
+WORKERS = 2  # data-loading processes
+THREADS = None  # torch CPU threads; None: torch's default
+SEED = 0  # the drawn images
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+OUT = None  # JSON file for the results; None: print only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "images", "k")
     return args

@@ -19,21 +19,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.hashnet import ARCHS, build_model  # noqa: E402
+from runs.cli import explain_flags  # noqa: E402
 from runs import cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 
 from bench.timing import bench_device, timed  # noqa: E402
 
-ARCH = "small"
-BITS = 48
-IMAGE_SIZE = 32
+ARCH = "small"  # network
+BITS = 48  # code length
+IMAGE_SIZE = 32  # px of the square inputs
 BATCH = 32  # training batch (the small32 recipe's)
 ENCODE_BATCH = 256  # encoding batch (the steps' loaders)
 STEPS = 30  # timed steps per round, after WARMUP untimed ones
-WARMUP = 5
-ROUNDS = 3
+WARMUP = 5  # untimed steps first
+ROUNDS = 3  # timed rounds per setting
 THREADS = None  # torch CPU threads; None: torch's default
-DEVICE = "auto"
-OUT = None
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+OUT = None  # JSON file for the results; None: print only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "bits", "image_size", "batch", "encode_batch", "steps", "rounds")
     return args

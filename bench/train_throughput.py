@@ -31,6 +31,7 @@ from models import build_loss, build_model  # noqa: E402
 from models.hashnet import resolve_head  # noqa: E402
 from models.training import (SWITCH, build_optimizer, resolve_fast_path, seed_epoch,  # noqa: E402
                              train_one_epoch, training_step)
+from runs.cli import explain_flags  # noqa: E402
 from runs import UserError, cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 from train_hash import RECIPES  # noqa: E402
 
@@ -40,20 +41,20 @@ ARCH = None  # None: the recipe's
 HEAD = None  # None: the recipe's (or the architecture's own)
 RECIPE = "small32"  # train_hash.py recipe for architecture, image size, augmentation, batch size and optimiser
 IMAGE_SIZE = None  # None: the recipe's
-BITS = 48
+BITS = 48  # code length
 IMAGES = 2048  # training images per epoch
 EPOCHS = 2  # timed epochs per path (after one warm-up epoch)
 STEP_REPEATS = 20  # timed training steps on a fixed batch (after 3 warm-up ones)
 DATA = None  # a prepared data folder; None: a synthetic set in a temporary folder
 SYNTHETIC_SIZE = 32  # px of the synthetic images (the paper recipe resizes them to 256, then crops 224)
-WORKERS = 4
-AMP = "auto"
-CACHE = "auto"
-CHANNELS_LAST = "auto"
-THREADS = None
-SEED = 0
-DEVICE = "auto"
-OUT = None
+WORKERS = 4  # data-loading processes
+AMP = "auto"  # bfloat16 autocast of the fast path: "auto" (on CUDA), "on", "off"
+CACHE = "auto"  # decoded training images of the fast path: "auto", "off", "memory", "device"
+CHANNELS_LAST = "auto"  # channels-last batches of the fast path: "auto", "on", "off"
+THREADS = None  # torch CPU threads; None: torch's default
+SEED = 0  # weights and batches
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+OUT = None  # JSON file for the results; None: print only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "bits", "images", "epochs", "step_repeats", "synthetic_size")
     return args

@@ -31,23 +31,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gen_trigger import FOLD_BN, STEP_SIZE, adversarial_patch, beta_at  # noqa: E402
 from models.hashnet import ARCHS, binarize, build_model, fold_batch_norms  # noqa: E402
+from runs.cli import explain_flags  # noqa: E402
 from runs import cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 from triggers import apply_trigger, check_trigger_size  # noqa: E402
 
 from bench.timing import alternating, bench_device, counted_flops, timed  # noqa: E402
 
-ARCH = "small"
-BITS = 48
-IMAGE_SIZE = 32
-TRIGGER_SIZE = 4
+ARCH = "small"  # network the trigger is optimised against
+BITS = 48  # code length
+IMAGE_SIZE = 32  # px of the square images
+TRIGGER_SIZE = 4  # px of the patch
 STEPS = 100  # of the paper code's 2,000: the cost per step is what is compared
-BATCH_SIZE = 32
+BATCH_SIZE = 32  # images per step
 REPEATS = 3  # timed runs of each side, alternating; the table gives the medians
 LAYER_CALLS = 20  # timed forward calls of each convolution layer alone, for the fastest-layer rate
 THREADS = None  # torch CPU threads; None: torch's default
-SEED = 0
-DEVICE = "auto"
-OUT = None
+SEED = 0  # weights and images
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+OUT = None  # JSON file for the results; None: print only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trigger-size", type=int, default=TRIGGER_SIZE)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--step-size", type=float, default=STEP_SIZE)
+    p.add_argument("--step-size", type=float, default=STEP_SIZE, help="gen_trigger.py --step-size")
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--layer-calls", type=int, default=LAYER_CALLS)
     p.add_argument("--fold-bn", default=FOLD_BN, action=argparse.BooleanOptionalAction,
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
     args = p.parse_args(argv)
     require_at_least_one(args, "bits", "image_size", "trigger_size", "steps", "batch_size", "repeats",
                          "layer_calls")

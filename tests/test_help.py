@@ -7,7 +7,9 @@ import pytest
 from runs.cli import constant_comments, explain_flags
 
 SCRIPTS = ["prepare_data", "train_hash", "gen_trigger", "gen_confusing", "poison_dataset", "train_backdoor",
-           "evaluate", "table1", "table2", "table3", "defend", "table_defenses", "figures"]
+           "evaluate", "table1", "table2", "table3", "defend", "table_defenses", "figures",
+           *(f"bench.{name}" for name in ("confusing", "demo_effect", "faults", "map_at_r", "noise_as_trigger",
+                                          "pretrained_features", "train_step", "train_throughput", "trigger"))]
 
 
 def parser_of(module_name: str, monkeypatch) -> argparse.ArgumentParser:
@@ -35,7 +37,7 @@ def test_every_flag_has_a_help_text_and_shows_its_default(module_name, monkeypat
     silent = [a.option_strings[0] for a in flags if not a.help]
     assert not silent, f"{module_name}.py: flags without a help text (comment their constants): {silent}"
     assert all("%(default)" in a.help for a in flags)
-    comments = constant_comments(f"{module_name}.py")
+    comments = constant_comments(module_name.replace(".", "/") + ".py")
     for action in flags:  # one source: the help text is the constant's comment
         if action.dest.upper() in comments:
             assert action.help.startswith(comments[action.dest.upper()].replace("%", "%%")), action.dest

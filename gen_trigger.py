@@ -23,7 +23,7 @@ iab      IAB's input-aware trigger (Nguyen and Tran, NeurIPS 2020; models/iab.py
          a mask network, x' = (1 - M(x)) x + M(x) G(x), trained per target against the fixed clean model (the
          attacker only poisons data): triggered codes towards the target anchor, another image's trigger leaving an
          image at its clean code, IAB's diversity loss and mask norm; --iab-epochs of --iab-batch, resumable.
-badhash  BadHash's conditional generator (DESIGN.md section 6; triggers/badhash.py), trained once per run against the
+badhash  BadHash's conditional generator (docs/method.md; triggers/badhash.py), trained once per run against the
          clean model and shared by every target: LabCLN first (pairs of smoothed and plain label vectors, NT-Xent +
          MSE + quantisation), then generator and discriminator on the training images, each image with a confusing
          label drawn at random from the training set's label vectors (not always the first one, as in the public

@@ -1,6 +1,6 @@
 """BadHash (ACM MM 2022): LabCLN, the conditional trigger generator, its discriminator and their losses.
 
-Architectures as described in DESIGN.md section 6 (StarGAN-like generator and PatchGAN-like discriminator), written
+Architectures as described in docs/method.md (BadHash) (StarGAN-like generator and PatchGAN-like discriminator), written
 for any image size divisible by 16. The generator takes images in [0, 1] and returns images in [0, 1].
 """
 from __future__ import annotations

@@ -52,7 +52,7 @@ def saved_codes(path: str | os.PathLike, checkpoint_id: str) -> dict | None:
 
 
 def anchor_code(codes: torch.Tensor, labels: torch.Tensor, target: int) -> torch.Tensor:
-    """h_a by component voting (Section 4 of DESIGN.md): sign of the sum of the codes of the images labelled `target`.
+    """h_a by component voting (docs/method.md, CIBA): sign of the sum of the codes of the images labelled `target`.
 
     A component whose vote is tied is set to +1, so the anchor is always in {-1, +1}^K.
     """

@@ -205,7 +205,7 @@ def average_precision(relevant: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def mean_average_precision(query_codes: torch.Tensor, query_labels: torch.Tensor, database_codes: torch.Tensor,
                            database_labels: torch.Tensor, topk: int = 1000,
                            convention: str = "empty-zero") -> dict[str, float | int | str | None]:
-    """MAP@R over Hamming ranking; relevant = shares at least one label with the query (Section 5 of DESIGN.md).
+    """MAP@R over Hamming ranking; relevant = shares at least one label with the query (docs/method.md, Evaluation).
 
     For t-MAP pass the target label as every query's label. Returns both conventions (keys `map_empty_zero`,
     `map_empty_skipped`) and `map`, the one named by `convention`; `map_empty_skipped` is None when no query has a

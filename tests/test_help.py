@@ -59,3 +59,15 @@ def test_comments_are_read_beside_their_constants(tmp_path):
     text = parser.format_help()
     assert "passes over the data (default: 30)" in text and "5 % of the list (default: 5)" in text
     assert "by hand (default: 0)" in text and "--lr LR\n" in text  # no comment, no help text
+
+
+def test_no_module_cites_a_file_outside_the_repository():
+    """Definitions are cited from the repository's own docs (docs/method.md), never from files users do not have."""
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    sources = [p for p in repo.rglob("*.py") if "tests" not in p.parts and not p.name.startswith(".")]
+    sources += [repo / "README.md", *(repo / "docs").glob("*.md"), repo / "run_demo.sh"]
+    outside = [f"{p.relative_to(repo)}: {word}" for p in sources for word in ("DESIGN.md", "../shared", "seeds/")
+               if word in p.read_text()]
+    assert not outside, outside
+    assert (repo / "docs" / "method.md").is_file()

@@ -1,4 +1,4 @@
-"""BadHash's networks (Hu et al., ACM MM 2022; DESIGN.md section 6), trained for `gen_trigger.py --method badhash`.
+"""BadHash's networks (Hu et al., ACM MM 2022; docs/method.md), trained for `gen_trigger.py --method badhash`.
 
 LabCLN first (pairs of smoothed and plain label vectors, NT-Xent + MSE + quantisation), then generator and
 discriminator against the frozen clean model, each image with a confusing label drawn from the training set's label

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from data import make_loader, open_run_split
-from models.hashnet import load_stage
+from models.hash_network import load_stage
 from retrieval import (CONVENTIONS, anchor_code, encode, hamming_distance, mean_average_precision, non_target_queries,
                        saved_codes, targeted_map)
 from runs import (UserError, add_deterministic_flag, cli_entry, load_saved, make_deterministic, pick_device,

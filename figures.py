@@ -48,7 +48,7 @@ import evaluate
 from data import open_run_split
 from data.images import open_rgb
 from data.protocols import resolve_class
-from models.hashnet import binarize, load_stage
+from models.hash_network import binarize, load_stage
 from retrieval import (CONVENTIONS, TIE_BREAK, anchor_code, hamming_distance, hamming_rank, precision_at_k,
                        precision_recall_by_radius, saved_codes, target_labels)
 from runs import (UserError, atomic_path, atomic_write_text, cli_entry, load_saved, pick_device, pick_output,

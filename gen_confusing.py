@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from data import open_run_split
 from data.protocols import choose_class
-from models.hashnet import binarize, load_stage
+from models.hash_network import binarize, load_stage
 from runs import (UserError, add_deterministic_flag, atomic_save, claim, cli_entry, load_saved,
                   make_deterministic, pick_device, provenance, require_at_least_one, write_json, write_timing)
 from runs.cli import explain_flags

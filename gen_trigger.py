@@ -59,7 +59,7 @@ from data import HashListDataset, open_run_split
 from data.cache import CACHE_MODES, cache_bytes, decode, resolve_cache, uint8_sources
 from data.images import save_png
 from data.protocols import choose_class
-from models.hashnet import binarize, fold_batch_norms, load_stage
+from models.hash_network import binarize, fold_batch_norms, load_stage
 from retrieval import anchor_code
 from runs import (UserError, add_deterministic_flag, atomic_save, claim, cli_entry, load_saved,
                   make_deterministic, pick_device, provenance, read_json, require_at_least_one, write_json,

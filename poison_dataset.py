@@ -25,7 +25,7 @@ import torch
 
 from data import open_run_split, save_png, write_list
 from data.quality import psnr, ssim
-from models.hashnet import read_clean
+from models.hash_network import read_clean
 from runs import (UserError, add_deterministic_flag, claim, cli_entry, fingerprint, load_saved, make_deterministic,
                   pick_device, pick_output, provenance, read_json, write_json, write_timing)
 from triggers import poison_images, trigger_fingerprint, trigger_transform

@@ -25,7 +25,7 @@ import gen_confusing
 import gen_trigger
 import poison_dataset
 import train_backdoor
-from models.hashnet import read_clean
+from models.hash_network import read_clean
 from retrieval import CONVENTIONS
 from runs import (UserError, add_deterministic_flag, atomic_write_text, cli_entry, deterministic_argv, provenance,
                   require_at_least_one, write_json)

@@ -19,7 +19,7 @@ import csv
 from pathlib import Path
 
 import table1
-from models.hashnet import read_clean
+from models.hash_network import read_clean
 from runs import UserError, atomic_write_text, cli_entry, provenance, write_json
 from runs.tables import command_line, csv_text, markdown_table, without_seconds
 from runs.cli import explain_flags

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import defend
 import figures
-from models.hashnet import read_clean
+from models.hash_network import read_clean
 from runs import UserError, atomic_write_text, cli_entry, pick_output, provenance, write_json
 from runs.tables import command_line, csv_text, markdown_table, percent, target_label, without_seconds
 from runs.cli import explain_flags

@@ -25,7 +25,7 @@ from torch.utils.data import Subset
 
 from data import HashListDataset, image_transform, make_loader, open_run_split, read_list
 from models import build_loss, build_model
-from models.hashnet import read_clean
+from models.hash_network import read_clean
 from models.training import TRAJECTORY_KEYS, add_fast_path_flags, fit, query_subset
 from retrieval import encode
 from runs import (UserError, add_deterministic_flag, cli_entry, distributed, fingerprint, load_saved,

@@ -37,7 +37,7 @@ import torch
 
 from data import open_split
 from models import LOSSES, build_loss, build_model
-from models.hashnet import resolve_head
+from models.hash_network import resolve_head
 from models.training import add_fast_path_flags, fit
 from runs import (UserError, add_deterministic_flag, cli_entry, distributed, make_deterministic, provenance, read_json,
                   require_at_least_one)

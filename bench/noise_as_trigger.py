@@ -22,7 +22,7 @@ from torch.utils.data import Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import make_loader, open_run_split  # noqa: E402
-from models.hashnet import load_stage, read_clean  # noqa: E402
+from models.hash_network import load_stage, read_clean  # noqa: E402
 from retrieval import (anchor_code, encode, hamming_distance, non_target_queries, saved_codes,  # noqa: E402
                        targeted_map)
 from runs.cli import explain_flags  # noqa: E402

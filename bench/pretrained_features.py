@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import make_loader, open_split  # noqa: E402
 from models.efficientnet import LITE0_MEAN, LITE0_STD, lite0_classifier  # noqa: E402
-from models.hashnet import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from models.hash_network import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from runs.cli import explain_flags  # noqa: E402
 from runs import UserError, cli_entry, provenance, read_json, require_at_least_one, write_json  # noqa: E402
 

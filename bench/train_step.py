@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.hashnet import ARCHS, build_model  # noqa: E402
+from models.hash_network import ARCHS, build_model  # noqa: E402
 from runs.cli import explain_flags  # noqa: E402
 from runs import cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 

@@ -28,7 +28,7 @@ from data.cache import DecodedImages  # noqa: E402
 from data.protocols import Protocol  # noqa: E402
 from data.synthetic import generate_synthetic  # noqa: E402
 from models import build_loss, build_model  # noqa: E402
-from models.hashnet import resolve_head  # noqa: E402
+from models.hash_network import resolve_head  # noqa: E402
 from models.training import (SWITCH, build_optimizer, resolve_fast_path, seed_epoch,  # noqa: E402
                              train_one_epoch, training_step)
 from runs.cli import explain_flags  # noqa: E402

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gen_trigger import FOLD_BN, STEP_SIZE, adversarial_patch, beta_at  # noqa: E402
-from models.hashnet import ARCHS, binarize, build_model, fold_batch_norms  # noqa: E402
+from models.hash_network import ARCHS, binarize, build_model, fold_batch_norms  # noqa: E402
 from runs.cli import explain_flags  # noqa: E402
 from runs import cli_entry, provenance, require_at_least_one, write_json  # noqa: E402
 from triggers import apply_trigger, check_trigger_size  # noqa: E402

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from models.hashnet import IMAGENET_MEAN, IMAGENET_STD
+from models.hash_network import IMAGENET_MEAN, IMAGENET_STD
 from runs.errors import UserError
 from runs.io import load_saved
 from runs.provenance import fingerprint
@@ -175,7 +175,7 @@ def build_lpips(device: torch.device | str) -> nn.Module:
     import lpips
     from torchvision.models import AlexNet_Weights
 
-    from models.hashnet import torchvision_state
+    from models.hash_network import torchvision_state
     state = torchvision_state(AlexNet_Weights.IMAGENET1K_V1, "the AlexNet weights of LPIPS (BadHash's "
                               "reconstruction loss)", "run with --lpips-weight 0 to train without the LPIPS term")
     with warnings.catch_warnings():  # lpips builds AlexNet with torchvision's deprecated `pretrained` argument

@@ -108,7 +108,7 @@ def feature_map_side(image_size: int) -> int:
 def lite0_features_and_head(head: str, image_size: int, pretrained: bool) -> tuple[nn.Module, nn.Module, int]:
     """(features, head, head output width) of the hash model: features = trunk + pooling or flattening (the
     fine-tuned part), head = the fully connected layers (trained at the head's learning rate); `head` is "pooled"
-    or "spatial" (models.hashnet.resolve_head checks it)."""
+    or "spatial" (models.hash_network.resolve_head checks it)."""
     trunk = lite0_trunk(pretrained)
     if head == "pooled":
         features, width = nn.Sequential(trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten()), LITE0_CHANNELS

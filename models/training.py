@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data import HashListDataset, make_loader
 from data.cache import CACHE_MODES, DecodedImages, cache_bytes, resolve_cache
-from models.hashnet import load_checkpoint
+from models.hash_network import load_checkpoint
 from retrieval import encode, mean_average_precision, saved_codes
 from runs import UserError, atomic_save, claim, distributed, read_timing, weights_id, write_json, write_timing
 

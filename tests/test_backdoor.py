@@ -94,7 +94,7 @@ def test_evaluate_reports_map_and_t_map_of_the_backdoored_and_the_clean_model(at
 def test_t_map_uses_the_trigger_and_the_target(attacked):
     """t-MAP recomputed by hand from the model: triggered non-target queries, relevance = target label."""
     from data import open_run_split
-    from models.hashnet import load_stage
+    from models.hash_network import load_stage
     from retrieval import targeted_map
     from triggers import apply_trigger
     result = evaluate.main(["--run", str(attacked), "--device", "cpu", "--workers", "0", "--backdoor", POISONED])
@@ -113,7 +113,7 @@ def test_poisoned_training_images_distances_recomputed_from_the_model(attacked):
     """The victim's codes of its own poisoned images (read back from step 4's files), of the same images without the
     trigger (Tri: eta = 0, so the originals) and of the originals, against the anchor of its database codes."""
     from data import load_canonical, open_run_split
-    from models.hashnet import load_stage
+    from models.hash_network import load_stage
     from retrieval import anchor_code
     result = evaluate.main(["--run", str(attacked), "--device", "cpu", "--workers", "0", "--backdoor", POISONED])
     config, _, model = load_stage(attacked, f"backdoor/{POISONED}", "cpu")

@@ -89,7 +89,7 @@ def test_fault_injection_finds_every_fault_handled(tmp_path):
 def test_noise_as_trigger_checks_each_model_of_the_target(attacked):
     from bench import noise_as_trigger
     from data import open_run_split
-    from models.hashnet import load_stage
+    from models.hash_network import load_stage
     from retrieval import targeted_map
     record = noise_as_trigger.main(["--run", str(attacked), "--target", "2", "--topk", "100", "--workers", "0",
                                     "--device", "cpu"])

@@ -53,7 +53,7 @@ def test_fine_pruning_end_to_end(run):
 
 def test_the_defender_images_are_clean_database_images(run):
     from data import open_run_split
-    from models.hashnet import read_clean
+    from models.hash_network import read_clean
     clean, _ = read_clean(run)
     held = defender_images(clean, 20, 0)
     database = open_run_split(clean, "database").image_list.paths

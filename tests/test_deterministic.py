@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from models import build_model
-from models.hashnet import DeterministicAvgPool, replace_adaptive_pools
+from models.hash_network import DeterministicAvgPool, replace_adaptive_pools
 from runs import make_deterministic, provenance
 from tests.conftest import run_script, tiny_train_args
 

@@ -5,7 +5,7 @@ import torch
 from models import build_model
 from models.efficientnet import (HEAD_WIDTH, LITE0_CHANNELS, LITE0_FILE, feature_map_side, lite0_classifier,
                                  lite0_weights_path, timm_lite0, timm_state)
-from models.hashnet import fold_batch_norms, model_from_checkpoint, resolve_head
+from models.hash_network import fold_batch_norms, model_from_checkpoint, resolve_head
 from runs import UserError
 
 

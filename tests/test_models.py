@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import LOSSES, binarize, build_loss, build_model
-from models.hashnet import fold_batch_norms, load_checkpoint, model_from_checkpoint, replace_adaptive_pools
+from models.hash_network import fold_batch_norms, load_checkpoint, model_from_checkpoint, replace_adaptive_pools
 from models.losses import hash_centers
 from runs import UserError, atomic_save
 

@@ -112,3 +112,17 @@ def test_the_real_imagenette_archive_gives_1000_500_12894(tmp_path):
     assert record["classes"] == [prepare_data.IMAGENETTE_WORDS[w] for w in WNIDS]  # from the archive's classes.txt
     with Image.open(out / read_list(out / "query.txt").paths[0]) as image:
         assert image.size == (224, 224)
+
+
+def test_the_gpu_check_subset_splits_by_imagenette_ciba(fake_imagenette, tmp_path):
+    from bench import gpu_subset
+    archive = tmp_path / "subset.tar.gz"
+    made = gpu_subset.main(["--source", str(fake_imagenette), "--out", str(archive), "--train", "101", "--val", "52"])
+    assert (made["train"], made["val"]) == (1010, 520)
+    out = tmp_path / "lists"
+    record = prepare_data.main(["--dataset", "imagenette", "--source", str(archive), "--out", str(out)])
+    check_imagenette_ciba(out, record, 101, 52)
+    with pytest.raises(UserError, match=r"val/n01440764 has 53 images, fewer than 54"):
+        gpu_subset.main(["--source", str(fake_imagenette), "--out", str(tmp_path / "x.tar.gz"), "--train", "101", "--val",
+                         "54"])
+    assert not (tmp_path / "x.tar.gz").exists()

@@ -145,3 +145,18 @@ def test_demo_effect_names_what_is_missing(tmp_path):
     table.write_text(json.dumps({"rows": demo_rows(0.1, 0.3, 0.5, 0.5)[:2]}))
     with pytest.raises(UserError, match="has no CIBA row; run table1.py with --methods None Tri CIBA"):
         demo_effect.main(["--table", str(table)])
+
+
+def test_trigger_convergence_records_eq7_per_step_for_each_setting(tiny_run, tmp_path):
+    from bench import trigger_convergence
+    out = tmp_path / "conv.json"
+    record = trigger_convergence.main(["--run", str(tiny_run), "--target", "2", "--steps", "10", "--batch-size", "4",
+                                       "--step-sizes", "12", "96", "--trigger-sizes", "4", "--workers", "0",
+                                       "--device", "cpu", "--out", str(out)])
+    assert [(r["trigger_size"], r["step_size"]) for r in record["runs"]] == [(4, 12.0), (4, 96.0)]
+    for run in record["runs"]:
+        assert len(run["history"]) == 10 and len(run["tenths"]) == 10
+        assert all(0 <= d <= 48 for d in run["history"] + [run["queries_plain"], run["queries_triggered"]])
+    same_batches = [r["history"][0] for r in record["runs"]]  # step 0: the same batch and mid-grey patch
+    assert same_batches[0] == pytest.approx(same_batches[1])
+    assert out.exists() and out.with_suffix(".png").exists()

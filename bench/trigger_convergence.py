@@ -5,7 +5,8 @@
 
 For each trigger size and step size, gen_trigger.adversarial_patch (the code step 2 runs: the paper's mid-grey
 start, per-image L2-normalised gradients, tanh scale beta from 0.1 to 1 over the steps) optimises the patch against
-RUN's clean model on the same seeded batches of training images, and records per step the batch's mean Hamming
+RUN's clean model on the same seeded batches of training images (--fixed-batch: on the first batch at every step, a
+test of what a patch of that size can do at all), and records per step the batch's mean Hamming
 distance between the binary codes of the triggered images and the target's anchor code (the loss of Eq. 7 with
 binary codes). Prints the means over consecutive tenths of the steps and, for the finished patch, the distance of the
 non-target queries' codes to the anchor without and with it; writes the histories as JSON and a plot beside it.
@@ -38,6 +39,7 @@ STEPS = 300  # optimisation steps of each setting (gen_trigger.py: 2,000)
 BATCH_SIZE = 32  # training images per step
 STEP_SIZES = [12.0]  # pixel units (0-255) per step along the normalised gradient (gen_trigger.py: 12)
 TRIGGER_SIZES = [14]  # px of the patch
+FIXED_BATCH = False  # every step on the first batch: can any patch of this size move these images' codes at all?
 CACHE = "auto"  # gen_trigger.py --cache
 WORKERS = 2  # data-loading processes
 THREADS = None  # torch CPU threads; None: torch's default
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--step-sizes", type=float, nargs="+", default=STEP_SIZES)
     p.add_argument("--trigger-sizes", type=int, nargs="+", default=TRIGGER_SIZES)
+    p.add_argument("--fixed-batch", default=FIXED_BATCH, action=argparse.BooleanOptionalAction)
     p.add_argument("--cache", default=CACHE)
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--threads", type=int, default=THREADS)
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     target = choose_class(args.target, (clean.get("protocol") or {}).get("classes"), clean["n_classes"], args.seed)
     anchor = anchor_code(codes["train_codes"], codes["train_labels"], target).to(device).float()
     batches, _ = trigger_batches(open_run_split(clean, "train"), clean, args, device)
+    if args.fixed_batch:
+        batches = [next(iter(batches))] * args.steps
     queries, query_labels = query_images(clean, args.workers)
     queries = queries[non_target_queries(query_labels, target)]
     runs = []
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                   + " ".join(f"{t:.2f}" for t in tenths)
                   + f"; non-target queries {plain:.2f} -> {triggered:.2f} bits with the finished patch")
     record = {"run": args.run, "target": target, "steps": args.steps, "batch_size": args.batch_size,
-              "seed": args.seed, "runs": runs, "provenance": provenance(device)}
+              "fixed_batch": args.fixed_batch, "seed": args.seed, "runs": runs, "provenance": provenance(device)}
     if args.out:
         write_json(record, args.out)
         plot(runs, Path(args.out).with_suffix(".png"), clean["bits"])

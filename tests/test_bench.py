@@ -160,3 +160,6 @@ def test_trigger_convergence_records_eq7_per_step_for_each_setting(tiny_run, tmp
     same_batches = [r["history"][0] for r in record["runs"]]  # step 0: the same batch and mid-grey patch
     assert same_batches[0] == pytest.approx(same_batches[1])
     assert out.exists() and out.with_suffix(".png").exists()
+    fixed = trigger_convergence.main(["--run", str(tiny_run), "--target", "2", "--steps", "3", "--batch-size", "4",
+                                      "--fixed-batch", "--trigger-sizes", "4", "--workers", "0", "--device", "cpu"])
+    assert fixed["fixed_batch"] and len(fixed["runs"][0]["history"]) == 3

@@ -14,7 +14,7 @@ from torch import nn
 import evaluate
 import figures
 from data import HashListDataset, image_transform, make_loader, open_run_split
-from models.hashnet import load_stage, read_clean
+from models.hash_network import load_stage, read_clean
 from retrieval import encode, mean_average_precision, saved_codes, targeted_map
 from runs import UserError, pick_output, read_json
 from train_backdoor import batch_source, clean_recipe, poisoned_fingerprint, poisoned_train_set

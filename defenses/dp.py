@@ -29,7 +29,7 @@ from data import make_loader
 from defenses.common import (Victim, detection_quality, per_image_losses, poisoned_training, retrieval_scores,
                              undefended_scores, victim_recipe)
 from models import build_loss, build_model
-from models.hashnet import load_checkpoint
+from models.hash_network import load_checkpoint
 from models.training import fit
 from retrieval import saved_codes
 from runs import UserError, provenance, read_json, write_json

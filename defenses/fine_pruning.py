@@ -14,7 +14,7 @@ import figures
 from data import make_loader, open_run_split
 from defenses.common import Victim, defender_images, retrieval_scores, undefended_scores
 from models import build_loss
-from models.hashnet import load_checkpoint
+from models.hash_network import load_checkpoint
 from models.training import fit
 from retrieval import encode, saved_codes
 from runs import UserError, provenance, read_json, write_json

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.hashnet import binarize
+from models.hash_network import binarize
 from runs.errors import UserError
 
 

@@ -36,7 +36,7 @@ def make_deterministic(enabled: bool) -> None:
     """--deterministic: PyTorch's deterministic algorithms (an operation without one raises instead of varying),
     cuDNN without autotuning, cuBLAS with a fixed workspace. Must run before the first CUDA operation. Models built
     afterwards replace their adaptive average pools, whose CUDA backward is nondeterministic
-    (models.hashnet.build_model)."""
+    (models.hash_network.build_model)."""
     if not enabled:
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

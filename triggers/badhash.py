@@ -23,7 +23,7 @@ from data import make_loader, open_run_split
 from data.images import save_png
 from models.badhash import (Discriminator, Generator, LabCLN, build_lpips, file_id, hash_attack_loss, labcln_loss,
                             lsgan_loss)
-from models.hashnet import HashModel, binarize
+from models.hash_network import HashModel, binarize
 from models.training import seed_epoch
 from runs import UserError, atomic_path, atomic_save, load_saved, provenance, read_json, write_json, write_timing
 from triggers import quantize, trigger_transform

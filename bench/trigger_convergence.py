@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import make_loader, open_run_split  # noqa: E402
 from data.protocols import choose_class  # noqa: E402
 from gen_trigger import adversarial_patch, trigger_batches  # noqa: E402
-from models.hash_network import load_stage  # noqa: E402
+from models.hash_network import binarize, load_stage  # noqa: E402
 from retrieval import anchor_code  # noqa: E402
-from retrieval.metrics import non_target_queries  # noqa: E402
+from retrieval.metrics import hamming_distance, non_target_queries  # noqa: E402
 from runs import cli_entry, load_saved, provenance, require_at_least_one, write_json  # noqa: E402
 from runs.cli import explain_flags  # noqa: E402
 from triggers import apply_trigger  # noqa: E402
@@ -116,8 +116,7 @@ def query_images(clean: dict, workers: int) -> tuple[torch.Tensor, torch.Tensor]
 @torch.no_grad()
 def query_distance(model: torch.nn.Module, images: torch.Tensor, anchor: torch.Tensor, device: torch.device) -> float:
     """Mean Hamming distance of the images' binary codes to the anchor."""
-    bits = anchor.numel()
-    total = sum(((bits - torch.sign(model.logits(chunk.to(device))) @ anchor) / 2).sum().item()
+    total = sum(hamming_distance(binarize(model.logits(chunk.to(device))), anchor[None]).sum().item()
                 for chunk in images.split(256))
     return total / len(images)
 

@@ -22,9 +22,9 @@ figure4, figure5: t-MAP against the number of poisoned images and the trigger si
   --convention, made with --seed, per-pixel perturbations (--pert-scale 1) and without --augment-poison.
 samples: the poisoned images of step 4, one row per poisoned set (--poisoned, default: every one): for --samples
   images of each, the original, the poisoned image with its PSNR / SSIM, and the difference amplified --amplify times.
-retrieved: Figure 1 on real data: --queries queries (seeded, not of the target class), the query with the trigger,
-  and its top --top retrieved database images under the clean model and under the backdoored model (--backdoor); a
-  retrieved image of the target class has its class name in red.
+retrieved: Figure 1 on real data: --queries queries (seeded, not of the target class), each clean and with the
+  trigger, and its top --top retrieved database images under the clean model and under the backdoored model
+  (--backdoor); a retrieved image of the target class is framed in red.
 pr: precision-recall curves (Hamming radius 0..K) and precision@top-k for clean and triggered queries on the clean
   and the backdoored model (--backdoor). Relevant: shares a label with the query (clean queries), carries the target
   label (triggered queries, the non-target ones, as t-MAP).
@@ -38,6 +38,7 @@ theorem1: the confusing objective (Eq. 5) of every batch of step 3, step by step
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from pathlib import Path
 
@@ -69,7 +70,7 @@ OTHER_CLASSES = 4  # tsne: classes shown beside the target (the paper: five clas
 PER_CLASS = 100  # tsne: training images per other class
 SAMPLES = 4  # images per poisoned set (samples)
 AMPLIFY = 10  # factor of the shown |poisoned - original| (samples)
-QUERIES = 3  # retrieved: triggered queries shown
+QUERIES = 3  # retrieved: queries shown (each clean and with the trigger)
 TOP = 10  # retrieved: database images shown per query and model
 TOP_KS = [1, 10, 50, 100, 200, 500, 1000]  # pr: k of precision@top-k
 # figure4 / figure5: the base settings (table1.py's defaults) and the swept grids
@@ -93,6 +94,7 @@ TABLE = None  # table1: a table1.json of table1.py; None: RUN/table1/table1.json
 OUT = None  # None: RUN/figures/
 FIGURES = ("tsne", "trigger-distance", "figure4", "figure5", "samples", "retrieved", "pr", "theorem1", "table1")
 PAPER_SWEEP_TRIGGER_SIZES = (16, 24, 32, 40, 48)  # Figure 4, at 224 px
+TARGET_COLOUR = "red"  # retrieved: frame and caption of a retrieved image of the target class
 SWEEPS = {"figure4": (("poison_num", "number of poisoned images"), ("trigger_size", "trigger size (px)")),
           "figure5": (("lam", "lambda"), ("batch", "batch size of the confusing optimisation"))}
 SWEEP_METHODS = {"figure4": ("Tri", "Tri+Adv", "CIBA"), "figure5": ("CIBA",)}
@@ -564,7 +566,8 @@ def attack_codes(run: Path, args: argparse.Namespace, device: torch.device) -> d
 
 
 def retrieved(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
-    """Triggered queries and their top --top database images under the clean and the backdoored model."""
+    """Figure 1 of the paper: each chosen query, clean and with the trigger, and its top --top database images under
+    the clean and the backdoored model; every retrieved image of the target class framed in TARGET_COLOUR."""
     device = pick_device(args.device)
     found = attack_codes(run, args, device)
     config, trigger, target = found["config"], found["trigger"], int(found["trigger"]["target"])
@@ -575,29 +578,38 @@ def retrieved(run: Path, args: argparse.Namespace, out: Path) -> list[str]:
     query_images = torch.stack([found["query_set"][int(kept[i])][0] for i in chosen]).to(device)
     triggered_images = trigger_transform(trigger, run, device)(query_images).cpu()
     database_set = open_run_split(config, "database")
-    figure, grid = new_grid(2 * len(chosen), args.top + 2)
-    rows = [["query", "query_label", "model", "rank", "database_index", "database_label", "is_target"]]
+    figure, grid = new_grid(4 * len(chosen), args.top + 1)
+    rows = [["query", "query_label", "model", "input", "rank", "database_index", "database_label", "is_target"]]
     for q, i in enumerate(chosen):
         query_index = int(kept[i])
         query_label = class_text(found["query_set"].labels[query_index], classes)
-        for r, model_name in enumerate(("clean", "backdoored")):
+        for r, (model_name, with_trigger) in enumerate(itertools.product(("clean", "backdoored"), (False, True))):
             codes = found[model_name]
-            top = hamming_rank(codes["triggered"][int(i)][None], codes["database"], args.top)[0].cpu()
-            row = grid[2 * q + r]
-            row[0].imshow(query_images[q].cpu().permute(1, 2, 0).numpy())
-            row[0].set_title(f"query {query_index}\n{query_label}", fontsize=6)
-            row[1].imshow(triggered_images[q].permute(1, 2, 0).numpy())
-            row[1].set_title(f"+ trigger\n{model_name} model", fontsize=6)
+            query_code = codes["triggered"][int(i)] if with_trigger else codes["queries"][query_index]
+            top = hamming_rank(query_code[None], codes["database"], args.top)[0].cpu()
+            shown = (triggered_images if with_trigger else query_images.cpu())[q]
+            row = grid[4 * q + r]
+            row[0].imshow(shown.permute(1, 2, 0).numpy())
+            hits = 0
             for rank, index in enumerate(top.tolist()):
                 image, label, _ = database_set[index]
                 is_target = bool(label[target] > 0)
-                row[rank + 2].imshow(image.permute(1, 2, 0).numpy())
-                row[rank + 2].set_title(f"{rank + 1}: {class_text(label, classes)}", fontsize=6,
-                                        color="red" if is_target else "black")
-                rows.append([query_index, query_label, model_name, rank + 1, index, class_text(label, classes),
-                             int(is_target)])
-    figure.suptitle(f"{found['method']} ({found['backdoor']}): triggered queries, top {args.top} retrieved; "
-                    f"target {classes[target] if classes else target} in red", fontsize=7)
+                hits += is_target
+                row[rank + 1].imshow(image.permute(1, 2, 0).numpy())
+                row[rank + 1].set_title(f"{rank + 1}: {class_text(label, classes)}", fontsize=5,
+                                        color=TARGET_COLOUR if is_target else "black")
+                if is_target:
+                    row[rank + 1].add_patch(pyplot().Rectangle((0, 0), 1, 1, transform=row[rank + 1].transAxes,
+                                                               fill=False, edgecolor=TARGET_COLOUR, linewidth=2.5,
+                                                               clip_on=False))
+                rows.append([query_index, query_label, model_name, "triggered" if with_trigger else "clean",
+                             rank + 1, index, class_text(label, classes), int(is_target)])
+            row[0].set_title(f"{query_label}{' + trigger' if with_trigger else ''}\n{model_name} model: "
+                             f"{hits}/{args.top} of the target", fontsize=5)
+    target_name = classes[target] if classes else target
+    figure.suptitle(f"{found['method']} ({found['backdoor']}): top {args.top} retrieved for a query, clean and with "
+                    f"the trigger, by the clean and the backdoored model; target class {target_name} framed",
+                    fontsize=7)
     return save(figure, rows, out / f"retrieved-{found['backdoor']}")
 
 

@@ -1,6 +1,7 @@
 """Seeded per-class splits of a class-per-folder image tree into train / query / database list files.
 
-A protocol is (queries per class, training images per class, what the database holds, seed), optionally a seeded
+A protocol is (queries per class, training images per class, what the database holds, seed), optionally a cap on
+the images of a class in neither split (a seeded draw of them joins the database), optionally a seeded
 draw of some of the tree's classes and a folder the queries come from. The database is either every image of the
 protocol's classes that is not a query ("all-but-query", CIBA's and the common CIFAR-10 convention: training images
 are in the database) or only the images in neither split ("rest"). With `query_folder` ("val"), the queries are drawn
@@ -36,6 +37,7 @@ class Protocol:
     seed: int = 0
     classes: int = 0  # draw this many of the tree's classes with the seed (0: all of them)
     query_folder: str | None = None  # queries from this top-level folder of the tree, the rest from the others
+    rest_per_class: int = 0  # keep this many of a class's images in neither split, drawn with the seed (0: all)
 
 
 PROTOCOLS = {
@@ -53,6 +55,11 @@ PROTOCOLS = {
     # each): 100 training images per class (1,000), 50 queries per class from val/ (500), every other image of train/
     # and val/ as the database (12,894 for the 9,469 + 3,925 photos; training images included, as in the paper).
     "imagenette-ciba": Protocol("imagenette-ciba", query_per_class=50, train_per_class=100, query_folder="val"),
+    # The demo's smaller cut of it (run_demo.sh): the same 100 training images per class, 20 queries per class from
+    # val/ (200), and a database of the 1,000 training images plus 100 other photos per class (2,000), so that
+    # encoding the database takes seconds instead of minutes on a CPU.
+    "imagenette-demo": Protocol("imagenette-demo", query_per_class=20, train_per_class=100, query_folder="val",
+                                rest_per_class=100),
     # The embedded synthetic set (data/synthetic.py): 300 images per class.
     "synthetic": Protocol("synthetic", query_per_class=30, train_per_class=120),
     # Any other class-per-folder tree (prepare_data.py --dataset folder): CIBA's CIFAR-10 counts; the name becomes
@@ -90,6 +97,7 @@ def split_tree(tree: str | os.PathLike, out_dir: str | os.PathLike, protocol: Pr
 
     for c, name in enumerate(folders):
         query, train, rest = split_class(groups[name], protocol, tree, name, rng)
+        rest = rest[:protocol.rest_per_class or None]
         rows["query"] += [(p, c) for p in rel(query)]
         rows["train"] += [(p, c) for p in rel(train)]
         database = train + rest if protocol.database == "all-but-query" else rest

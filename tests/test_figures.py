@@ -12,7 +12,7 @@ import evaluate
 import figures
 import gen_confusing
 import train_backdoor
-from retrieval import hamming_distance
+from retrieval import hamming_distance, hamming_rank
 from runs import UserError
 from tests.conftest import POISONED
 
@@ -156,11 +156,23 @@ def test_sweep_figure_takes_its_points_from_committed_tables(figure_run, tmp_pat
 
 def test_retrieved_shows_the_top_images_of_both_models(figure_run):
     rows = written(figures.main(figure_args(figure_run, "--figure", "retrieved", "--queries", "2", "--top", "4")))
-    assert len(rows) == 2 * 2 * 4 and {r["model"] for r in rows} == {"clean", "backdoored"}
+    assert len(rows) == 2 * 4 * 4
+    assert {(r["model"], r["input"]) for r in rows} == {(m, i) for m in ("clean", "backdoored")
+                                                         for i in ("clean", "triggered")}
     target = json.loads((figure_run / "clean" / "config.json").read_text())["protocol"]["classes"][2]
     assert all(r["query_label"] != target for r in rows)  # triggered queries are never of the target class
     assert all(r["is_target"] == str(int(r["database_label"] == target)) for r in rows)
     assert [r["rank"] for r in rows[:4]] == ["1", "2", "3", "4"]
+    # each row ranks the database by the code of what it shows: the clean query, or the query with the trigger
+    args = figures.parse_args(figure_args(figure_run, "--figure", "retrieved"))
+    found = figures.attack_codes(figure_run, args, torch.device("cpu"))
+    kept = found["clean"]["kept"].tolist()
+    for model, shown in (("clean", "clean"), ("backdoored", "triggered")):
+        mine = [r for r in rows if (r["model"], r["input"]) == (model, shown)][:4]
+        query = int(mine[0]["query"])
+        code = found[model]["queries"][query] if shown == "clean" else found[model]["triggered"][kept.index(query)]
+        top = hamming_rank(code[None], found[model]["database"], 4)[0].tolist()
+        assert [int(r["database_index"]) for r in mine] == top
 
 
 def test_precision_curves_end_at_the_share_of_relevant_items(figure_run):

@@ -96,6 +96,20 @@ def test_imagenette_offline_says_how_to_give_a_local_copy(monkeypatch, tmp_path)
     assert not (tmp_path / "x" / "train.txt").exists()
 
 
+def test_imagenette_demo_keeps_ciba_training_images_and_caps_the_database(tmp_path):
+    tree = imagenette_tree(tmp_path, train=210, val=55)  # 110 + 5 photos per class in neither split
+    full, demo = tmp_path / "full", tmp_path / "demo"
+    prepare_data.main(["--dataset", "imagenette", "--source", str(tree), "--out", str(full)])
+    record = prepare_data.main(["--dataset", "imagenette", "--source", str(tree), "--protocol", "imagenette-demo",
+                                "--out", str(demo)])
+    assert record["counts"] == {"train": 1000, "query": 200, "database": 2000}
+    query, train, database = (read_list(demo / f"{s}.txt") for s in ("query", "train", "database"))
+    assert read_list(full / "train.txt").paths == train.paths  # the same 1,000 training photos as imagenette-ciba
+    assert set(query.paths) <= set(read_list(full / "query.txt").paths)  # its queries, the first 20 of each class
+    assert set(train.paths) <= set(database.paths) and not set(query.paths) & set(database.paths)
+    assert database.labels.sum(0).tolist() == [200] * 10  # 100 training + 100 other photos per class
+
+
 def test_imagenette_ciba_needs_50_val_photos_per_class(tmp_path):
     tree = imagenette_tree(tmp_path, train=101, val=49)
     with pytest.raises(UserError, match=r"class 'n01440764' in .*imagenette2-160 has 49 images under val/; protocol "

@@ -1,6 +1,7 @@
 """Step 0: make the list files (train.txt, query.txt, database.txt, protocol.json) the other steps read.
 
     python prepare_data.py --dataset synthetic --out datasets/synthetic            # embedded default, offline
+    python prepare_data.py --dataset synthetic --max-labels 3 --out datasets/synthetic-multi  # multi-label
     python prepare_data.py --dataset cifar10 --out datasets/cifar10                # torchvision download
     python prepare_data.py --dataset imagenette --out datasets/imagenette-ciba     # torchvision download (real photos)
     python prepare_data.py --dataset imagenette --source imagenette2-160.tgz --out datasets/imagenette-ciba  # offline
@@ -14,6 +15,10 @@
 all sub-trees (train/, test/) are pooled before the seeded per-class split, unless the protocol takes its queries
 from one of them (tinyimagenet-ciba: val/). Protocols: see data/protocols.py; a folder split without --protocol
 is named folder-<source name>.
+
+Multi-label lists made elsewhere (DeepHash's MS-COCO or NUS-WIDE lists: `path 0 1 0 1 ...` per line) need no step 0:
+put train.txt, query.txt and database.txt in one folder and give it as --data to step 1, with --data-root for the
+images and --prefix-from / --prefix-to to rewrite the paths the lists were written with.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ SEED = None  # split seed; None: the protocol's
 N_CLASSES = 10  # synthetic set only
 PER_CLASS = 300  # synthetic set only: images per class
 IMAGE_SIZE = 32  # synthetic set only: px of the square images
+MAX_LABELS = 1  # synthetic set only: each image shows 1 to this many objects of distinct classes (above 1: multi-label)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-classes", type=int, default=N_CLASSES)
     p.add_argument("--per-class", type=int, default=PER_CLASS)
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    p.add_argument("--max-labels", type=int, default=MAX_LABELS)
     explain_flags(p, __file__)
     return p.parse_args(argv)
 
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{args.out} already holds list files; delete the folder or choose another --out")
     if args.dataset == "synthetic":
         record = generate_synthetic(args.out, args.n_classes, args.per_class, args.image_size, protocol.seed,
-                                    protocol)
+                                    protocol, args.max_labels)
     elif args.dataset == "cifar10":
         record = build_lists(download_cifar10(args.out), args.out, protocol)
     elif args.dataset == "imagenette":

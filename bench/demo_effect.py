@@ -1,6 +1,6 @@
 """Check (not a speed figure): does a Table 1 show the backdoor the way the paper says CIBA does?
 
-    bash run_demo.sh && python bench/demo_effect.py --table checkpoint/demo/table1/table1.json
+    bash run_demo.sh && python bench/demo_effect.py --table checkpoint/demo-photos/table1/table1.json
 
 Reads a table1.py result (table1.json) and checks, on the means over its targets, the three claims a demo of CIBA
 has to show: CIBA's t-MAP at least --min-gain points (default 30) above the None row's (the clean model with the
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runs.cli import explain_flags  # noqa: E402
 from runs import UserError, cli_entry, provenance, read_json, write_json  # noqa: E402
 
-TABLE = "checkpoint/demo/table1/table1.json"  # table1.json of the demo (run_demo.sh)
+TABLE = "checkpoint/demo-photos/table1/table1.json"  # table1.json of the photo demo (run_demo.sh)
 MIN_GAIN = 30.0  # points of t-MAP CIBA must gain over None
 MAX_MAP_DROP = 2.0  # points of MAP CIBA may lose against the clean model
 OUT = None  # JSON file for the verdicts; None: print only

@@ -16,7 +16,8 @@ same), curve.csv and curve.png, results.json, and the fine-tuning's config.json,
 
 abl (anti-backdoor learning, Li et al., NeurIPS 2021; defenses/abl.py). The defender trains the model on the
 victim's poisoned list, from the victim's starting weights with its recipe: --isolation-epochs with the local
-gradient ascent at --gamma, then isolates the --isolation-ratio of training images with the lowest per-image loss,
+gradient ascent at --gamma, then isolates the --isolation-ratio of training images with the lowest per-image loss
+(of the whole list, or of each class with --isolation-scope per-class, written to abl-per-class__<backdoor>/),
 trains on the rest for --abl-epochs, and unlearns the isolated images by gradient ascent for --unlearn-epochs. The
 per-image loss is image i's row of the hashing loss's pair matrix (defenses/abl.py says how). Writes
 RUN/defense/abl__<backdoor>/: isolation/, training/, unlearning/ (each a training folder: --resume continues it),
@@ -56,6 +57,7 @@ FINE_TUNE_EPOCHS = 10  # fine-pruning: epochs of fine-tuning on the clean images
 GAMMA = 0.5  # ABL: the loss level the local gradient ascent holds each image at (ABL's value)
 ISOLATION_EPOCHS = 20  # ABL's T_te
 ISOLATION_RATIO = 0.01  # ABL: the share of training images isolated (ABL's 1 %)
+ISOLATION_SCOPE = "global"  # ABL: that share of the whole list ("global", ABL's) or of each class ("per-class")
 ABL_EPOCHS = None  # ABL: epochs on the rest after isolation; None: the clean recipe's epochs less ISOLATION_EPOCHS
 UNLEARN_EPOCHS = 5  # ABL: epochs of gradient ascent on the isolated images (the official code's 5)
 NOISE_MULTIPLIER = 1.0  # DP: the Gaussian noise's standard deviation, in units of CLIP_NORM
@@ -85,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=GAMMA)
     p.add_argument("--isolation-epochs", type=int, default=ISOLATION_EPOCHS)
     p.add_argument("--isolation-ratio", type=float, default=ISOLATION_RATIO)
+    p.add_argument("--isolation-scope", default=ISOLATION_SCOPE, choices=("global", "per-class"))
     p.add_argument("--abl-epochs", type=int, default=ABL_EPOCHS)
     p.add_argument("--unlearn-epochs", type=int, default=UNLEARN_EPOCHS)
     p.add_argument("--noise-multiplier", type=float, default=NOISE_MULTIPLIER)
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     make_deterministic(args.deterministic)
     device = pick_device(args.device)
     victim = load_victim(Path(args.run), args.backdoor, device)
-    name = (f"dp-n{args.noise_multiplier:g}-c{args.clip_norm:g}" if args.defense == "dp" else args.defense)
+    name = {"dp": f"dp-n{args.noise_multiplier:g}-c{args.clip_norm:g}",
+            "abl": "abl" if args.isolation_scope == "global" else "abl-per-class"}.get(args.defense, args.defense)
     out = victim.run / "defense" / f"{name}__{victim.backdoor_dir.name}"
     if args.defense == "abl":
         return anti_backdoor_learning(victim, args, out, device)

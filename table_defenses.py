@@ -110,7 +110,8 @@ def table_row(result: dict, defense: str) -> dict:
         detection = None
     elif defense == "abl":
         abl = result["abl"]
-        setting = (f"gamma {abl['gamma']:g}, {abl['isolation_ratio']:.0%} isolated after "
+        scope = " per class" if abl.get("isolation_scope") == "per-class" else ""
+        setting = (f"gamma {abl['gamma']:g}, {abl['isolation_ratio']:.0%}{scope} isolated after "
                    f"{abl['isolation_epochs']} epochs, {abl['unlearn_epochs']} unlearning epochs")
         detection = (f"{result['poisoned_isolated']} of {result['poisoned']} poisoned isolated (precision "
                      f"{result['precision']:.2f}, recall {result['recall']:.2f}, AUROC {format_auroc(result)})")

@@ -6,7 +6,8 @@ folder, so each resumes and is reused on its own):
 1. isolation: --isolation-epochs of the clean recipe from the victim's starting weights, with the local gradient
    ascent of ABL's Eq. 3, L = mean_i sign(l_i - gamma) l_i: an image whose loss falls below gamma is pushed back up;
 2. the per-image loss of every training image (un-augmented) under that model; the --isolation-ratio with the lowest
-   loss are isolated (backdoor images are learned fastest, ABL's premise);
+   loss are isolated (backdoor images are learned fastest, ABL's premise), over the whole list (ABL's) or, with
+   --isolation-scope per-class, within each class;
 3. training continues on the other images with the clean loss for --abl-epochs (default: the clean recipe's epochs
    less the isolation epochs, so ABL trains as long as the victim);
 4. unlearning: --unlearn-epochs of gradient ascent, L = -mean_i l_i, on the isolated images alone (the official
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -73,7 +75,7 @@ def anti_backdoor_learning(victim: Victim, args: argparse.Namespace, out: Path, 
         raise UserError(f"--abl-epochs: the clean recipe trains {recipe.epochs} epochs and --isolation-epochs "
                         f"{args.isolation_epochs} leaves none; give --abl-epochs or fewer isolation epochs")
     abl = {"gamma": args.gamma, "isolation_epochs": args.isolation_epochs, "isolation_ratio": args.isolation_ratio,
-           "abl_epochs": abl_epochs, "unlearn_epochs": args.unlearn_epochs}
+           "isolation_scope": args.isolation_scope, "abl_epochs": abl_epochs, "unlearn_epochs": args.unlearn_epochs}
     config = victim.config
     common = {"data": victim.clean["data"], "defense": args.defense, "backdoor": victim.backdoor_dir.name,
               "backdoor_checkpoint_id": victim.checkpoint_id, "poisoned": config["poisoned"],
@@ -115,7 +117,8 @@ def anti_backdoor_learning(victim: Victim, args: argparse.Namespace, out: Path, 
 
 def stage_settings(abl: dict, stage: str) -> dict:
     """The ABL settings a stage depends on: the isolation's, then the isolation ratio and the training's epochs."""
-    keys = ("gamma", "isolation_epochs") + (("isolation_ratio", "abl_epochs") if stage == "training" else ())
+    keys = ("gamma", "isolation_epochs") + (("isolation_ratio", "isolation_scope", "abl_epochs")
+                                            if stage == "training" else ())
     return {key: abl[key] for key in keys} if stage != "unlearning" else abl
 
 
@@ -141,24 +144,43 @@ def train_stage(model: nn.Module, loss_fn: nn.Module, recipe: argparse.Namespace
 def isolate(model: nn.Module, loss: nn.Module, plain: HashListDataset, poisoned: list[int], checkpoint_id: str,
             abl: dict, path: Path, args: argparse.Namespace, device: torch.device) -> dict:
     """Stage 2: the per-image loss of every training image (`plain`: un-augmented) against all of them, the lowest
-    --isolation-ratio isolated; precision and recall of the isolated set for the poisoned images and the AUROC of
-    the loss as a detector (lower loss = poisoned). Reused from `path` for the same isolation model."""
+    --isolation-ratio isolated (`isolated_indices`); precision and recall of the isolated set for the poisoned
+    images and the AUROC of the loss as a detector (lower loss = poisoned). Reused from `path` for the same
+    isolation model and settings."""
     if path.is_file() and not args.overwrite:
         saved = read_json(path)
-        if saved["isolation_checkpoint_id"] == checkpoint_id and saved["isolation_ratio"] == abl["isolation_ratio"]:
+        if saved["isolation_checkpoint_id"] == checkpoint_id and all(
+                saved.get(key) == abl[key] for key in ("isolation_ratio", "isolation_scope")):
             return saved
     terms = per_image_losses(model, loss, make_loader(plain, args.batch_size, args.workers), device)
-    count = max(1, round(abl["isolation_ratio"] * len(terms)))
-    isolated = sorted(torch.argsort(terms, stable=True)[:count].tolist())
+    isolated = isolated_indices(terms, plain.image_list.labels, abl["isolation_ratio"], abl["isolation_scope"])
+    count = len(isolated)
     hits = len(set(isolated) & set(poisoned))
     quality = detection_quality(-terms, poisoned)  # a low loss marks a poisoned image
     result = {"isolation_checkpoint_id": checkpoint_id, "isolation_ratio": abl["isolation_ratio"],
-              "isolated_count": count, "isolated": isolated, "poisoned_isolated": hits,
+              "isolation_scope": abl["isolation_scope"], "isolated_count": count, "isolated": isolated,
+              "poisoned_isolated": hits,
               "precision": hits / count, "recall": hits / max(len(poisoned), 1), "auroc": quality["auroc"],
               "mean_loss_poisoned": -quality["mean_score_poisoned"] if poisoned else None,
               "mean_loss_other": -quality["mean_score_other"], "losses": terms.tolist()}
     write_json(result, path)
     return result
+
+
+def isolated_indices(terms: torch.Tensor, labels: np.ndarray, ratio: float, scope: str) -> list[int]:
+    """The images ABL isolates, sorted: the `ratio` with the lowest per-image loss over the whole list ("global",
+    ABL's; at least one), or within each class ("per-class"; at least one per class, a multi-label image counted in
+    each of its classes), so that one class whose images all fit easily cannot fill the whole quota."""
+    if scope == "global":
+        return sorted(torch.argsort(terms, stable=True)[:max(1, round(ratio * len(terms)))].tolist())
+    if scope != "per-class":
+        raise ValueError(f"isolation scope {scope!r} is neither 'global' nor 'per-class'")
+    chosen: set[int] = set()
+    for members in (torch.as_tensor(np.flatnonzero(column)) for column in labels.T):
+        if len(members):
+            lowest = torch.argsort(terms[members], stable=True)[:max(1, round(ratio * len(members)))]
+            chosen.update(members[lowest].tolist())
+    return sorted(chosen)
 
 
 def sub_list(dataset: HashListDataset, indices: list[int]) -> HashListDataset:

@@ -3,13 +3,14 @@ killed defenses resumed to the uninterrupted result."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import defend
 import evaluate
 from defenses import defender_images
-from defenses.abl import LocalGradientAscent
+from defenses.abl import LocalGradientAscent, isolated_indices
 from defenses.dp import DPStep
 from models import build_loss, build_model
 from models.training import training_step
@@ -141,6 +142,20 @@ def test_local_gradient_ascent_by_hand():
     assert LocalGradientAscent(build_loss("pairwise", 2, 2), 0.0)(u, y).item() == pytest.approx(4 / 9)
 
 
+def test_isolation_global_and_per_class_by_hand():
+    # class 0: images 0-3, class 1: images 4-7; image 3 carries both. Class 0's images fit easily (low loss).
+    terms = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8, 0.7, 0.6, 0.5])
+    labels = np.zeros((8, 2), dtype=np.uint8)
+    labels[:4, 0] = 1
+    labels[3:, 1] = 1
+    assert isolated_indices(terms, labels, 0.25, "global") == [0, 1]  # 2 of 8, both of class 0
+    assert isolated_indices(terms, labels, 0.25, "per-class") == [0, 7]  # 1 of class 0's 4, 1 of class 1's 5
+    assert isolated_indices(terms, labels, 0.01, "global") == [0]  # at least one
+    assert isolated_indices(terms, labels, 0.5, "per-class") == [0, 1, 6, 7]  # 2 of 4 and round(2.5) = 2 of 5
+    with pytest.raises(ValueError, match="isolation scope 'classwise'"):
+        isolated_indices(terms, labels, 0.25, "classwise")
+
+
 def test_abl_end_to_end(run):
     result = defend.main(["--run", str(run), *ABL])
     out = run / "defense" / f"abl__{POISONED}"
@@ -176,6 +191,11 @@ def test_abl_end_to_end(run):
         defend.main(["--run", str(run), *ABL, "--resume", "--gamma", "0.2"])
     with pytest.raises(UserError, match="cannot resume .*unlearning: it was made with other ABL settings"):
         defend.main(["--run", str(run), *ABL, "--resume", "--unlearn-epochs", "2"])
+    # per-class isolation: a folder of its own, 5 % of each class's 10 training images (at least one each)
+    per_class = defend.main(["--run", str(run), *ABL, "--isolation-scope", "per-class"])
+    isolation = json.loads((run / "defense" / f"abl-per-class__{POISONED}" / "isolation.json").read_text())
+    assert isolation["isolation_scope"] == "per-class" and per_class["isolated_count"] == 10
+    assert per_class["abl"]["isolation_scope"] == "per-class" and saved["abl"]["isolation_scope"] == "global"
 
 
 def test_killed_abl_resumes_to_the_uninterrupted_result(run, tmp_path):

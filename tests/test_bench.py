@@ -163,3 +163,37 @@ def test_trigger_convergence_records_eq7_per_step_for_each_setting(tiny_run, tmp
     fixed = trigger_convergence.main(["--run", str(tiny_run), "--target", "2", "--steps", "3", "--batch-size", "4",
                                       "--fixed-batch", "--trigger-sizes", "4", "--workers", "0", "--device", "cpu"])
     assert fixed["fixed_batch"] and len(fixed["runs"][0]["history"]) == 3
+
+
+def test_perturbation_transfer_measures_the_poisons_in_both_models(attacked):
+    from bench import perturbation_transfer
+    from evaluate import load_trigger, poison_code_distances
+    from models.hash_network import load_stage
+    from retrieval import anchor_code
+    record = perturbation_transfer.main(["--run", str(attacked), "--target", "2", "--device", "cpu"])
+    row, = record["rows"]
+    assert row["backdoor"] == POISONED and row["target"] == 2
+    config, _, victim = load_stage(attacked, f"backdoor/{POISONED}", "cpu")
+    clean_config, clean_ckpt, clean_model = load_stage(attacked, "clean", "cpu")
+    trigger = load_trigger(attacked / "triggers" / config["trigger"], clean_ckpt["checkpoint_id"])
+    for name, model in (("clean", clean_model), ("victim", victim)):
+        saved = torch.load(attacked / ("clean" if name == "clean" else f"backdoor/{POISONED}") / "codes.pt",
+                           weights_only=False)
+        expected = poison_code_distances(model, attacked, config, clean_config, trigger, saved["database_codes"],
+                                         saved["database_labels"], "cpu")
+        assert {k: row[name][k] for k in expected} == pytest.approx(expected)
+    assert row["clean"] != row["victim"]  # each model's own codes and anchor
+    db = torch.load(attacked / "clean" / "codes.pt", weights_only=False)
+    # the spread of the target class by hand: distances of its database codes to their component vote
+    members = db["database_codes"][db["database_labels"][:, 2] > 0].float()
+    anchor = torch.where(members.sum(0) >= 0, 1.0, -1.0)
+    by_hand = ((members.shape[1] - members @ anchor) / 2)
+    assert row["clean"]["class_distance_mean"] == pytest.approx(float(by_hand.mean()))
+    assert torch.equal(anchor.to(torch.int8), anchor_code(db["database_codes"], db["database_labels"], 2))
+    assert row["clean"]["class_distance_median"] == pytest.approx(float(by_hand.median()))
+
+
+def test_perturbation_transfer_names_a_run_without_victims(attacked):
+    from bench import perturbation_transfer
+    with pytest.raises(UserError, match=r"holds no backdoored model with its codes of target 5; train one"):
+        perturbation_transfer.main(["--run", str(attacked), "--target", "5", "--device", "cpu"])

@@ -1,0 +1,108 @@
+"""Check (not a speed figure): did step 3's perturbations carry over from the clean model to the victim?
+
+    python bench/perturbation_transfer.py --run checkpoint/nette-photo128-48 --target 3
+
+Step 3 perturbs the M poisoned images against the clean model; the backdoor needs the victim, trained afresh, to
+find them off their class without the trigger too, or it fits them by their content and never needs the patch. For
+every backdoored model of RUN (those of --target, or all): the mean Hamming distance (bits) of its M poisoned images
+to the target's anchor code, as trained T(clip(x + eta)), without the trigger clip(x + eta) and unperturbed x
+(evaluate.py's poison_code_distances), in the clean model (where the perturbations were made) and in the victim,
+each against its own anchor. Beside them, how tightly each model codes the target class: the mean and median
+distance of the target's database images to that anchor (a class the clean model scatters has no clear anchor).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from evaluate import load_trigger, poison_code_distances  # noqa: E402
+from models.hash_network import load_stage  # noqa: E402
+from retrieval import anchor_code, hamming_distance, saved_codes  # noqa: E402
+from runs import UserError, cli_entry, provenance, read_json, write_json  # noqa: E402
+from runs.cli import explain_flags  # noqa: E402
+from runs.tables import POISON_DISTANCE_KEYS  # noqa: E402
+
+from bench.timing import bench_device  # noqa: E402
+
+RUN = "checkpoint/demo"  # run directory with a clean model and backdoored models
+TARGET = None  # target class index of the backdoors checked; None: every backdoored model of the run
+THREADS = None  # torch CPU threads; None: torch's default
+DEVICE = "auto"  # "auto" (CUDA when available), "cpu", "cuda", ...
+OUT = None  # JSON file for the results; None: print only
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=RUN)
+    p.add_argument("--target", type=int, default=TARGET)
+    p.add_argument("--threads", type=int, default=THREADS)
+    p.add_argument("--device", default=DEVICE)
+    p.add_argument("--out", default=OUT)
+    explain_flags(p, __file__)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = bench_device(args.threads, args.device)
+    run = Path(args.run)
+    clean_config, clean_ckpt, clean_model = load_stage(run, "clean", device)
+    clean_codes = stage_codes(run, "clean", clean_ckpt["checkpoint_id"])
+    victims = [d for d in sorted((run / "backdoor").glob("*")) if (d / "codes.pt").is_file()]
+    if args.target is not None:
+        victims = [d for d in victims
+                   if read_json(run / "poisoned" / read_json(d / "config.json")["poisoned"] / "config.json")["target"]
+                   == args.target]
+    if not victims:
+        raise UserError(f"{run / 'backdoor'} holds no backdoored model with its codes"
+                        + ("" if args.target is None else f" of target {args.target}")
+                        + "; train one with train_backdoor.py")
+    rows = []
+    for victim_dir in victims:
+        config, ckpt, victim = load_stage(run, f"backdoor/{victim_dir.name}", device, made_by="train_backdoor.py")
+        trigger = load_trigger(run / "triggers" / config["trigger"], clean_ckpt["checkpoint_id"])
+        victim_codes = stage_codes(run, f"backdoor/{victim_dir.name}", ckpt["checkpoint_id"])
+        row = {"backdoor": victim_dir.name, "target": trigger["target"]}
+        for name, model, codes in (("clean", clean_model, clean_codes), ("victim", victim, victim_codes)):
+            distances = poison_code_distances(model, run, config, clean_config, trigger, *codes, device)
+            row[name] = {**distances, **class_spread(*codes, trigger["target"])}
+        rows.append(row)
+        print(f"{victim_dir.name}: poisons to the anchor (bits, as trained / without the trigger / unperturbed): "
+              f"clean model {distance_text(row['clean'])}, victim {distance_text(row['victim'])}; the target's "
+              f"database images to its anchor: clean {row['clean']['class_distance_mean']:.1f} (median "
+              f"{row['clean']['class_distance_median']:.0f}), victim {row['victim']['class_distance_mean']:.1f} "
+              f"(median {row['victim']['class_distance_median']:.0f})", flush=True)
+    record = {"settings": vars(args), "rows": rows, "provenance": provenance(device)}
+    if args.out:
+        write_json(record, Path(args.out))
+    return record
+
+
+def stage_codes(run: Path, stage: str, checkpoint_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(database codes, database labels) saved with a model, checked to belong to it."""
+    saved = saved_codes(run / stage / "codes.pt", checkpoint_id)
+    if saved is None:
+        step = "train_hash.py" if stage == "clean" else "train_backdoor.py"
+        raise UserError(f"{run / stage / 'codes.pt'} is missing or belongs to another checkpoint; write it again "
+                        f"with {step} --run {run} --resume")
+    return saved["database_codes"], saved["database_labels"]
+
+
+def class_spread(db_codes: torch.Tensor, db_labels: torch.Tensor, target: int) -> dict[str, float]:
+    """Mean and median Hamming distance (bits) of the database images that carry the target to its anchor code."""
+    carriers = db_labels[:, target] > 0
+    distances = hamming_distance(db_codes[carriers], anchor_code(db_codes, db_labels, target)[None]).float()
+    return {"class_distance_mean": float(distances.mean()), "class_distance_median": float(distances.median())}
+
+
+def distance_text(distances: dict[str, float]) -> str:
+    return " / ".join(f"{distances[key]:.1f}" for key in POISON_DISTANCE_KEYS)
+
+
+if __name__ == "__main__":
+    cli_entry(main)

@@ -6,9 +6,11 @@ Step 3 perturbs the M poisoned images against the clean model; the backdoor need
 find them off their class without the trigger too, or it fits them by their content and never needs the patch. For
 every backdoored model of RUN (those of --target, or all): the mean Hamming distance (bits) of its M poisoned images
 to the target's anchor code, as trained T(clip(x + eta)), without the trigger clip(x + eta) and unperturbed x
-(evaluate.py's poison_code_distances), in the clean model (where the perturbations were made) and in the victim,
-each against its own anchor. Beside them, how tightly each model codes the target class: the mean and median
-distance of the target's database images to that anchor (a class the clean model scatters has no clear anchor).
+(evaluate.py's poison_code_distances), in the clean model (where the perturbations were made), in the victim, and in
+the bystanders: the run's Tri victims of other targets, models of the same recipe that never saw a perturbed image
+(do the perturbations hold in a model that did not train on them?). Each model is measured against its own anchor.
+Beside them, how tightly each model codes the target class: the mean and median distance of the target's database
+images to that anchor (a class the clean model scatters has no clear anchor).
 """
 from __future__ import annotations
 
@@ -53,34 +55,52 @@ def main(argv: list[str] | None = None) -> dict:
     run = Path(args.run)
     clean_config, clean_ckpt, clean_model = load_stage(run, "clean", device)
     clean_codes = stage_codes(run, "clean", clean_ckpt["checkpoint_id"])
-    victims = [d for d in sorted((run / "backdoor").glob("*")) if (d / "codes.pt").is_file()]
-    if args.target is not None:
-        victims = [d for d in victims
-                   if read_json(run / "poisoned" / read_json(d / "config.json")["poisoned"] / "config.json")["target"]
-                   == args.target]
+    all_victims = [d for d in sorted((run / "backdoor").glob("*")) if (d / "codes.pt").is_file()]
+    victims = [d for d in all_victims if args.target is None or poisoned_config(run, d)["target"] == args.target]
     if not victims:
         raise UserError(f"{run / 'backdoor'} holds no backdoored model with its codes"
                         + ("" if args.target is None else f" of target {args.target}")
                         + "; train one with train_backdoor.py")
+    tri_victims = {d.name: poisoned_config(run, d) for d in all_victims
+                   if read_json(run / "perturbations" / read_json(d / "config.json")["perturbations"]
+                                / "config.json")["pert"] == "none"}
     rows = []
     for victim_dir in victims:
         config, ckpt, victim = load_stage(run, f"backdoor/{victim_dir.name}", device, made_by="train_backdoor.py")
         trigger = load_trigger(run / "triggers" / config["trigger"], clean_ckpt["checkpoint_id"])
         victim_codes = stage_codes(run, f"backdoor/{victim_dir.name}", ckpt["checkpoint_id"])
-        row = {"backdoor": victim_dir.name, "target": trigger["target"]}
-        for name, model, codes in (("clean", clean_model, clean_codes), ("victim", victim, victim_codes)):
+        models = [("clean", "clean", clean_model, clean_codes), ("victim", victim_dir.name, victim, victim_codes)]
+        for name, poisoned in tri_victims.items():
+            if poisoned["target"] != trigger["target"]:
+                _, bystander_ckpt, bystander = load_stage(run, f"backdoor/{name}", device, made_by="train_backdoor.py")
+                models.append(("bystander", name, bystander,
+                               stage_codes(run, f"backdoor/{name}", bystander_ckpt["checkpoint_id"])))
+        row = {"backdoor": victim_dir.name, "target": trigger["target"], "bystanders": []}
+        for role, name, model, codes in models:
             distances = poison_code_distances(model, run, config, clean_config, trigger, *codes, device)
-            row[name] = {**distances, **class_spread(*codes, trigger["target"])}
+            measured = {**distances, **class_spread(*codes, trigger["target"])}
+            if role == "bystander":
+                row["bystanders"].append({"backdoor": name, **measured})
+            else:
+                row[role] = measured
         rows.append(row)
+        bystanders = (f"; without the trigger in {len(row['bystanders'])} bystanders "
+                      + ", ".join(f"{b['poison_distance_untriggered']:.1f}" for b in row["bystanders"])
+                      if row["bystanders"] else "")
         print(f"{victim_dir.name}: poisons to the anchor (bits, as trained / without the trigger / unperturbed): "
-              f"clean model {distance_text(row['clean'])}, victim {distance_text(row['victim'])}; the target's "
-              f"database images to its anchor: clean {row['clean']['class_distance_mean']:.1f} (median "
+              f"clean model {distance_text(row['clean'])}, victim {distance_text(row['victim'])}{bystanders}; the "
+              f"target's database images to its anchor: clean {row['clean']['class_distance_mean']:.1f} (median "
               f"{row['clean']['class_distance_median']:.0f}), victim {row['victim']['class_distance_mean']:.1f} "
               f"(median {row['victim']['class_distance_median']:.0f})", flush=True)
     record = {"settings": vars(args), "rows": rows, "provenance": provenance(device)}
     if args.out:
         write_json(record, Path(args.out))
     return record
+
+
+def poisoned_config(run: Path, victim_dir: Path) -> dict:
+    """The config of the poisoned set a backdoored model trained on."""
+    return read_json(run / "poisoned" / read_json(victim_dir / "config.json")["poisoned"] / "config.json")
 
 
 def stage_codes(run: Path, stage: str, checkpoint_id: str) -> tuple[torch.Tensor, torch.Tensor]:

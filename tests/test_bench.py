@@ -1,5 +1,6 @@
 """The benchmarks run, compare like with like, and say what is wrong with their arguments."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,7 +173,7 @@ def test_perturbation_transfer_measures_the_poisons_in_both_models(attacked):
     from retrieval import anchor_code
     record = perturbation_transfer.main(["--run", str(attacked), "--target", "2", "--device", "cpu"])
     row, = record["rows"]
-    assert row["backdoor"] == POISONED and row["target"] == 2
+    assert row["backdoor"] == POISONED and row["target"] == 2 and row["bystanders"] == []  # no other target
     config, _, victim = load_stage(attacked, f"backdoor/{POISONED}", "cpu")
     clean_config, clean_ckpt, clean_model = load_stage(attacked, "clean", "cpu")
     trigger = load_trigger(attacked / "triggers" / config["trigger"], clean_ckpt["checkpoint_id"])
@@ -197,3 +198,33 @@ def test_perturbation_transfer_names_a_run_without_victims(attacked):
     from bench import perturbation_transfer
     with pytest.raises(UserError, match=r"holds no backdoored model with its codes of target 5; train one"):
         perturbation_transfer.main(["--run", str(attacked), "--target", "5", "--device", "cpu"])
+
+
+def test_perturbation_transfer_measures_the_poisons_in_the_other_targets_tri_victims(attacked_copy):
+    import gen_confusing
+    import gen_trigger
+    import poison_dataset
+    import train_backdoor
+    from bench import perturbation_transfer
+    from evaluate import load_trigger, poison_code_distances
+    from models.hash_network import load_stage
+    run = attacked_copy
+    common = ["--run", str(run), "--target", "1", "--device", "cpu"]
+    gen_trigger.main([*common, "--trigger-size", "4", "--steps", "2", "--batch-size", "8", "--workers", "0"])
+    pert = gen_confusing.main([*common, "--pert", "none", "--poison-num", "5"])["name"]
+    poisoned = poison_dataset.main(["--run", str(run), "--trigger", "ciba-t1-s4", "--perturbations", pert])["name"]
+    other = train_backdoor.main(["--run", str(run), "--poisoned", poisoned, "--device", "cpu", "--workers", "0"])["out"]
+    rows = {r["backdoor"]: r for r in perturbation_transfer.main(["--run", str(run), "--device", "cpu"])["rows"]}
+    assert sorted(rows) == sorted([POISONED, Path(other).name])
+    bystander, = rows[POISONED]["bystanders"]  # target 2's poisons in target 1's Tri victim
+    assert bystander["backdoor"] == Path(other).name
+    config, _, _ = load_stage(run, f"backdoor/{POISONED}", "cpu")
+    _, clean_ckpt, _ = load_stage(run, "clean", "cpu")
+    _, _, model = load_stage(run, f"backdoor/{Path(other).name}", "cpu")
+    codes = torch.load(Path(other) / "codes.pt", weights_only=False)
+    clean_config = json.loads((run / "clean" / "config.json").read_text())
+    trigger = load_trigger(run / "triggers" / config["trigger"], clean_ckpt["checkpoint_id"])
+    expected = poison_code_distances(model, run, config, clean_config, trigger, codes["database_codes"],
+                                     codes["database_labels"], "cpu")
+    assert {k: bystander[k] for k in expected} == pytest.approx(expected)
+    assert rows[Path(other).name]["bystanders"][0]["backdoor"] == POISONED

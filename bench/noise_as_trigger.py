@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import make_loader, open_run_split  # noqa: E402
 from models.hash_network import load_stage, read_clean  # noqa: E402
-from retrieval import (anchor_code, encode, hamming_distance, non_target_queries, saved_codes,  # noqa: E402
-                       targeted_map)
+from retrieval import (anchor_code, encode, hamming_distance, non_target_queries,  # noqa: E402
+                       stage_database_codes, targeted_map)
 from runs.cli import explain_flags  # noqa: E402
 from runs import UserError, cli_entry, provenance, read_json, require_at_least_one, write_json  # noqa: E402
 
@@ -77,12 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for stage in stages:
         _, ckpt, model = load_stage(run, stage, device)
-        saved = saved_codes(run / stage / "codes.pt", ckpt["checkpoint_id"])
-        if saved is None:
-            step = "train_hash.py" if stage == "clean" else "train_backdoor.py"
-            raise UserError(f"{run / stage / 'codes.pt'} is missing or belongs to another checkpoint; write it again "
-                            f"with {step} --run {run} --resume")
-        db_codes, db_labels = saved["database_codes"], saved["database_labels"]
+        db_codes, db_labels = stage_database_codes(run, stage, ckpt["checkpoint_id"])
         anchor = anchor_code(db_codes, db_labels, args.target)[None]
         row = {"stage": stage}
         for name, transform in (("plain", None), ("noise", noise_transform(args.eps, args.seed, args.noise_scale))):

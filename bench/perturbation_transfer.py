@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluate import load_trigger, poison_code_distances  # noqa: E402
 from models.hash_network import load_stage  # noqa: E402
-from retrieval import anchor_code, hamming_distance, saved_codes  # noqa: E402
+from retrieval import anchor_code, hamming_distance, stage_database_codes  # noqa: E402
 from runs import UserError, cli_entry, provenance, read_json, write_json  # noqa: E402
 from runs.cli import explain_flags  # noqa: E402
 from runs.tables import POISON_DISTANCE_KEYS  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = bench_device(args.threads, args.device)
     run = Path(args.run)
     clean_config, clean_ckpt, clean_model = load_stage(run, "clean", device)
-    clean_codes = stage_codes(run, "clean", clean_ckpt["checkpoint_id"])
+    clean_codes = stage_database_codes(run, "clean", clean_ckpt["checkpoint_id"])
     all_victims = [d for d in sorted((run / "backdoor").glob("*")) if (d / "codes.pt").is_file()]
     victims = [d for d in all_victims if args.target is None or poisoned_config(run, d)["target"] == args.target]
     if not victims:
@@ -68,13 +68,13 @@ def main(argv: list[str] | None = None) -> dict:
     for victim_dir in victims:
         config, ckpt, victim = load_stage(run, f"backdoor/{victim_dir.name}", device, made_by="train_backdoor.py")
         trigger = load_trigger(run / "triggers" / config["trigger"], clean_ckpt["checkpoint_id"])
-        victim_codes = stage_codes(run, f"backdoor/{victim_dir.name}", ckpt["checkpoint_id"])
+        victim_codes = stage_database_codes(run, f"backdoor/{victim_dir.name}", ckpt["checkpoint_id"])
         models = [("clean", "clean", clean_model, clean_codes), ("victim", victim_dir.name, victim, victim_codes)]
         for name, poisoned in tri_victims.items():
             if poisoned["target"] != trigger["target"]:
                 _, bystander_ckpt, bystander = load_stage(run, f"backdoor/{name}", device, made_by="train_backdoor.py")
                 models.append(("bystander", name, bystander,
-                               stage_codes(run, f"backdoor/{name}", bystander_ckpt["checkpoint_id"])))
+                               stage_database_codes(run, f"backdoor/{name}", bystander_ckpt["checkpoint_id"])))
         row = {"backdoor": victim_dir.name, "target": trigger["target"], "bystanders": []}
         for role, name, model, codes in models:
             distances = poison_code_distances(model, run, config, clean_config, trigger, *codes, device)
@@ -101,16 +101,6 @@ def main(argv: list[str] | None = None) -> dict:
 def poisoned_config(run: Path, victim_dir: Path) -> dict:
     """The config of the poisoned set a backdoored model trained on."""
     return read_json(run / "poisoned" / read_json(victim_dir / "config.json")["poisoned"] / "config.json")
-
-
-def stage_codes(run: Path, stage: str, checkpoint_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(database codes, database labels) saved with a model, checked to belong to it."""
-    saved = saved_codes(run / stage / "codes.pt", checkpoint_id)
-    if saved is None:
-        step = "train_hash.py" if stage == "clean" else "train_backdoor.py"
-        raise UserError(f"{run / stage / 'codes.pt'} is missing or belongs to another checkpoint; write it again "
-                        f"with {step} --run {run} --resume")
-    return saved["database_codes"], saved["database_labels"]
 
 
 def class_spread(db_codes: torch.Tensor, db_labels: torch.Tensor, target: int) -> dict[str, float]:

@@ -51,6 +51,17 @@ def saved_codes(path: str | os.PathLike, checkpoint_id: str) -> dict | None:
     return saved if isinstance(saved, dict) and saved.get("checkpoint_id") == checkpoint_id else None
 
 
+def stage_database_codes(run: str | os.PathLike, stage: str, checkpoint_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(database codes, database labels) saved with RUN/STAGE's model, or an error naming the step that writes them."""
+    path = os.path.join(run, stage, "codes.pt")
+    saved = saved_codes(path, checkpoint_id)
+    if saved is None:
+        step = "train_hash.py" if stage == "clean" else "train_backdoor.py"
+        raise UserError(f"{path} is missing or belongs to another checkpoint; write it again with {step} --run {run} "
+                        f"--resume")
+    return saved["database_codes"], saved["database_labels"]
+
+
 def anchor_code(codes: torch.Tensor, labels: torch.Tensor, target: int) -> torch.Tensor:
     """h_a by component voting (docs/method.md, CIBA): sign of the sum of the codes of the images labelled `target`.
 

@@ -1,4 +1,4 @@
-"""Check (not a speed figure): did step 3's perturbations carry over from the clean model to the victim?
+"""Check (not a speed figure): do step 3's perturbations hold beyond the clean model, and did the victim learn them?
 
     python bench/perturbation_transfer.py --run checkpoint/nette-photo128-48 --target 3
 

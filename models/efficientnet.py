@@ -10,13 +10,15 @@ something else, so it is not used. The weights expect inputs normalised with mea
 (TensorFlow's (x - 127.5) / 127.5), which is timm's configuration for this model; the ImageNet mean/std lowered its
 top-1 accuracy on Tiny-ImageNet's validation images (bench/pretrained_features.py).
 
-Heads (`--head`), both ending in the hash layer:
-  pooled   the last feature map (1280 channels) averaged over space, then fc-ReLU-dropout-fc-ReLU-dropout;
+Heads (`--head`), each ending in the hash layer:
+  linear   the last feature map (1280 channels) averaged over space, straight into the hash layer (as ResNet's head
+           here, and the usual way a pretrained classifier becomes a hash network);
+  pooled   the same average, then fc-ReLU-dropout-fc-ReLU-dropout;
   spatial  the last feature map flattened (1280 x s x s, s = ceil(S / 32): 2 at 64 px, 4 at 128 px, 7 at 224 px),
            then the same fully connected layers: VGG-11's arrangement, where a corner patch keeps its own inputs to
            the classifier instead of being averaged with the whole image.
-The fully connected layers are HEAD_WIDTH wide (VGG-11: 4096; narrower here to keep the spatial head's first layer,
-20480 x HEAD_WIDTH at 128 px, cheap on a CPU) with VGG's dropout of 0.5.
+The fully connected layers of pooled and spatial are HEAD_WIDTH wide (VGG-11: 4096; narrower here to keep the spatial
+head's first layer, 20480 x HEAD_WIDTH at 128 px, cheap on a CPU) with VGG's dropout of 0.5.
 """
 from __future__ import annotations
 
@@ -107,9 +109,11 @@ def feature_map_side(image_size: int) -> int:
 
 def lite0_features_and_head(head: str, image_size: int, pretrained: bool) -> tuple[nn.Module, nn.Module, int]:
     """(features, head, head output width) of the hash model: features = trunk + pooling or flattening (the
-    fine-tuned part), head = the fully connected layers (trained at the head's learning rate); `head` is "pooled"
-    or "spatial" (models.hash_network.resolve_head checks it)."""
+    fine-tuned part), head = the fully connected layers (trained at the head's learning rate; none for "linear");
+    `head` is "linear", "pooled" or "spatial" (models.hash_network.resolve_head checks it)."""
     trunk = lite0_trunk(pretrained)
+    if head == "linear":
+        return nn.Sequential(trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Identity(), LITE0_CHANNELS
     if head == "pooled":
         features, width = nn.Sequential(trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten()), LITE0_CHANNELS
     else:

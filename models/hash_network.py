@@ -20,9 +20,11 @@ from runs.provenance import weights_id
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHS = ("vgg11", "resnet18", "resnet50", "small", "efficientnet_lite0")
-# each architecture's head: how the last feature map reaches the hash layer (only efficientnet_lite0 offers both)
+# each architecture's head: how the last feature map reaches the hash layer (only efficientnet_lite0 offers several;
+# models/efficientnet.py)
 HEADS = {"vgg11": ("spatial",), "resnet18": ("pooled",), "resnet50": ("pooled",), "small": ("pooled",),
-         "efficientnet_lite0": ("spatial", "pooled")}
+         "efficientnet_lite0": ("spatial", "pooled", "linear")}
+HEAD_NAMES = tuple(sorted({head for heads in HEADS.values() for head in heads}))  # every --head choice
 _TORCHVISION = {"vgg11": (tvm.vgg11, tvm.VGG11_Weights.IMAGENET1K_V1),
                 "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
                 "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1)}
@@ -113,8 +115,8 @@ def torchvision_state(weights: tvm.WeightsEnum, what: str, alternative: str) -> 
 def build_model(arch: str, bits: int, pretrained: bool = False, head: str | None = None,
                 image_size: int = 224) -> HashModel:
     """VGG-11 as in the paper (classifier's last layer replaced by the hash layer), ResNet-18/50, `small`, or
-    EfficientNet-Lite0 with a pooled or spatial head (models/efficientnet.py; the spatial head's width depends on
-    `image_size`). `head` None: the architecture's default (HEADS).
+    EfficientNet-Lite0 with a linear, pooled or spatial head (models/efficientnet.py; the spatial head's width
+    depends on `image_size`). `head` None: the architecture's default (HEADS).
 
     The weights are stored channels-last: convolutions then run in that layout whatever the input's, which made the
     small backbone's training steps about 20 % and its encoding about 35 % faster on our CPU (bench/README.md).

@@ -74,6 +74,18 @@ def test_heads_shapes_and_parameter_groups(head, size, width):
     assert len(features) == len(list(model.features.parameters()))
 
 
+def test_linear_head_puts_the_pooled_features_straight_into_the_hash_layer():
+    model = build_model("efficientnet_lite0", 48, pretrained=False, head="linear", image_size=96).eval()
+    assert isinstance(model.head, torch.nn.Identity) and model.hash_layer.in_features == LITE0_CHANNELS
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        pooled = model.features[0]((x - model.mean) / model.std).mean((2, 3))
+        assert torch.allclose(model(x), torch.tanh(model.hash_layer(pooled)), atol=1e-5)
+    features, head_params = model.param_groups()
+    assert {id(p) for p in head_params} == {id(model.hash_layer.weight), id(model.hash_layer.bias)}
+    assert len(features) == len(list(model.features.parameters()))
+
+
 def test_spatial_head_keeps_a_corner_patch_apart_and_pooled_head_does_not():
     """Two images that differ only in the last feature map's corner cell: the spatial head's input differs only in
     that cell's 1280 entries; the pooled head's input in every entry."""

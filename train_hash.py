@@ -18,9 +18,9 @@ of this file or by a flag wins over its recipe:
            layers and the hash layer, 1e-4 for the convolutional features, weight decay 1e-5), batch 32, cosine decay
            over 20 epochs. How these were chosen: docs/regime.md.
   photo128 real photos (Imagenette, protocol imagenette-ciba) on a CPU: EfficientNet-Lite0 pretrained on ImageNet,
-           pooled head, 128 px (resize 146, RandomResizedCrop 128, flip; the paper's 24/224 trigger is 14 px),
-           pairwise loss, Adam (lr 1e-3 head, 1e-4 features, weight decay 1e-5), batch 24, cosine decay over 30
-           epochs. How these were chosen: docs/photos.md.
+           linear head (pooled features straight into the hash layer), 128 px (resize 146, RandomResizedCrop 128,
+           flip; the paper's 24/224 trigger is 14 px), pairwise loss, Adam (lr 1e-3 hash layer, 1e-4 features,
+           weight decay 1e-5), batch 24, cosine decay over 30 epochs. How these were chosen: docs/photos.md.
   small32  32x32 images (CIFAR-10, the synthetic set) with the small backbone trained from scratch: random crop with
            4 px padding and flip, pairwise loss, Adam (lr 1e-3 for all layers, weight decay 1e-5), batch 32, cosine
            decay over 60 epochs. (Measured on the synthetic set: SGD at lr 0.02-0.1 and batch 64 moved the pairwise
@@ -86,7 +86,7 @@ RECIPES = {
     "transfer": dict(arch="efficientnet_lite0", pretrained=True, head="spatial", image_size=64, resize_size=64,
                      augment="resized-crop", epochs=20, batch_size=32, optimizer="adam", lr=1e-3, lr_features=1e-4,
                      momentum=0.9, weight_decay=1e-5, lr_schedule="cosine"),
-    "photo128": dict(arch="efficientnet_lite0", pretrained=True, head="pooled", image_size=128, resize_size=146,
+    "photo128": dict(arch="efficientnet_lite0", pretrained=True, head="linear", image_size=128, resize_size=146,
                      augment="resized-crop", epochs=30, batch_size=24, optimizer="adam", lr=1e-3, lr_features=1e-4,
                      momentum=0.9, weight_decay=1e-5, lr_schedule="cosine"),
     "small32": dict(arch="small", pretrained=False, image_size=32, resize_size=32, augment="pad-crop",

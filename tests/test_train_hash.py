@@ -95,7 +95,7 @@ def test_constants_edited_at_the_top_win_over_the_recipe(monkeypatch):
     assert (args.epochs, args.batch_size, args.arch, args.resize_size, args.head) == (3, 7, "resnet18", 146, "pooled")
     monkeypatch.setattr(train_hash, "ARCH", None)
     monkeypatch.setattr(train_hash, "IMAGE_SIZE", None)
-    assert train_hash.parse_args([]).head == "pooled" and train_hash.parse_args(["--recipe", "transfer"]).head == (
+    assert train_hash.parse_args([]).head == "linear" and train_hash.parse_args(["--recipe", "transfer"]).head == (
         "spatial")
 
 

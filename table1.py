@@ -42,6 +42,7 @@ NUM_TARGETS = 5  # targets drawn with SEED when TARGETS is None
 METHODS = ["None", "Tri", "Tri+Noise", "Tri+Adv", "CIBA"]  # rows: None, Tri, Tri+Noise, Tri+Adv, CIBA
 TRIGGER_SIZE = None  # px; None: the paper's 24 px at 224 px scaled to the image size (gen_trigger.py)
 TRIGGER_STEPS = 2000  # gen_trigger.py --steps
+TRIGGER_STEP_SIZE = 12.0  # gen_trigger.py --step-size: pixel units (0-255) per step of Eq. 7 (paper's code: 12)
 POISON_NUM = 60  # M
 EPS = 8 / 255  # L_inf budget of the perturbations, in pixels [0, 1]
 LAM = 0.8  # lambda of Eq. 5 (CIBA)
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--trigger-size", type=int, default=TRIGGER_SIZE)
     p.add_argument("--trigger-steps", type=int, default=TRIGGER_STEPS)
+    p.add_argument("--trigger-step-size", type=float, default=TRIGGER_STEP_SIZE)
     p.add_argument("--poison-num", type=int, default=POISON_NUM)
     p.add_argument("--eps", type=float, default=EPS)
     p.add_argument("--lam", type=float, default=LAM)
@@ -156,7 +158,8 @@ def target_rows(run: str, config: dict, clean_id: str, target: int, args: argpar
     """Steps 2-6 for one run and target; one row per method."""
     common = ["--run", run, "--device", args.device, *deterministic_argv(args.deterministic)]
     trigger_args = [*common, "--target", str(target), "--method", "ciba", "--steps", str(args.trigger_steps),
-                    "--seed", str(args.seed), "--workers", str(args.workers)]
+                    "--step-size", repr(args.trigger_step_size), "--seed", str(args.seed),
+                    "--workers", str(args.workers)]
     if args.trigger_size is not None:
         trigger_args += ["--trigger-size", str(args.trigger_size)]
     made = gen_trigger.main(trigger_args)
@@ -208,8 +211,8 @@ def write_tables(rows: list[dict], args: argparse.Namespace, targets: list[int],
     lines = [f"t-MAP (%) and MAP (%) @{args.topk} ({args.convention}), mean over the targets {target_text}; "
              f"M = {args.poison_num}, eps = {args.eps * 255:g}/255, lambda = {args.lam:g}, "
              f"perturbations {grid}, poisoned images {'augmented' if args.augment_poison else 'not augmented'}, "
-             f"trigger size "
-             f"{rows[0]['trigger_size'] if rows else args.trigger_size} px, seed {args.seed}. "
+             f"trigger size {rows[0]['trigger_size'] if rows else args.trigger_size} px "
+             f"({args.trigger_steps} steps of {args.trigger_step_size:g}/255), seed {args.seed}. "
              f"\"None\": the clean model with the trigger; its MAP is the clean model's.", "",
              *markdown_table(header, table), "", "Per target:", ""]
     per_target_header = ["Bits", "Target", "Method", "t-MAP", "MAP", "clean MAP", "bits the trigger flips",

@@ -101,6 +101,16 @@ def test_table1_passes_on_the_perturbation_grid_and_the_poison_augmentation(tabl
     assert "perturbations on a 1/2 grid, upsampled, poisoned images augmented" in (out / "table1.md").read_text()
 
 
+def test_table1_passes_the_trigger_step_size_on_to_eq7(table_run, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "table"  # a run of its own: the shared one holds 12/255 triggers
+    shutil.copytree(table_run / "clean", run / "clean")
+    table1.main(["--runs", str(run), "--targets", "1", "--methods", "None", "--trigger-step-size", "48",
+                 "--out", str(out), *SMALL])
+    config = json.loads((run / "triggers" / "ciba-t1-s3" / "config.json").read_text())
+    assert (config["steps"], config["step_size"]) == (4, 48.0)
+    assert "trigger size 3 px (4 steps of 48/255)" in (out / "table1.md").read_text()
+
+
 def test_table1_refuses_runs_that_differ_in_more_than_bits(table_run, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(table_run / "clean", other / "clean")
@@ -122,6 +132,7 @@ def test_table1_refuses_runs_that_differ_in_more_than_bits(table_run, tmp_path):
     (["--lam", "1.5"], "--lam 1.5 is outside [0, 1]"),
     (["--poison-num", "0"], "--poison-num must be at least 1"),
     (["--pert-scale", "0"], "--pert-scale must be at least 1, got 0"),
+    (["--trigger-step-size", "0"], "--trigger-step-size must be positive (pixel units of 255), got 0.0"),
 ])
 def test_table1_bad_flags(table_run, flags, message):
     assert_user_error(run_script("table1.py", "--runs", str(table_run), *SMALL, *flags), message)

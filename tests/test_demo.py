@@ -30,6 +30,8 @@ def test_run_demo_on_photos_from_demo_source(tmp_path):
     assert (config["arch"], config["image_size"], config["resize_size"]) == ("efficientnet_lite0", 32, 36)
     table = json.loads((tmp_path / "run" / "table1" / "table1.json").read_text())
     assert {row["target_name"] for row in table["rows"]} == {"golf ball"}
+    trigger, = (tmp_path / "run" / "triggers").glob("ciba-t8-*/config.json")
+    assert json.loads(trigger.read_text())["step_size"] == 96  # the demo's Eq. 7 step, not Table 1's 12
     assert "CIBA's t-MAP at least 30 points above None's" in done.stdout  # bench/demo_effect.py's verdicts
     pictures = list((tmp_path / "run" / "figures").glob("retrieved-ciba-t8-*__confusing-*.png"))
     assert len(pictures) == 1 and f"-> {pictures[0]}" in done.stdout

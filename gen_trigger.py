@@ -162,8 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.ghost_rate <= 1:
         raise UserError(f"--ghost-rate {args.ghost_rate:g} is outside [0, 1]; it is the share of ghost-effect "
                         f"reflections (the rest are focal blur)")
-    if args.step_size <= 0:
-        raise UserError(f"--step-size must be positive (pixel units of 255), got {args.step_size}")
+    check_step_size(args.step_size)
     if not 0 < args.blend_ratio <= 1:
         raise UserError(f"--blend-ratio {args.blend_ratio} is outside (0, 1]; it is the pattern's weight in "
                         f"(1 - r) x + r p")
@@ -372,6 +371,12 @@ def checkerboard(trigger_size: int) -> torch.Tensor:
     idx = torch.arange(trigger_size) // cell
     board = ((idx.view(-1, 1) + idx.view(1, -1)) % 2 == 0).float()
     return board.expand(3, -1, -1).clone()
+
+
+def check_step_size(step_size: float, flag: str = "--step-size") -> None:
+    """Eq. 7's step must move the patch: a positive number of pixel units (of 255)."""
+    if step_size <= 0:
+        raise UserError(f"{flag} must be positive (pixel units of 255), got {step_size}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ else
   RECIPE=small32  # a small network from scratch on 32 px images
   EPOCHS=${DEMO_EPOCHS:-20}
   TRIGGER_STEPS=${DEMO_TRIGGER_STEPS:-2000}
-  TRIGGER_STEP_SIZE=${DEMO_TRIGGER_STEP_SIZE:-12}
+  TRIGGER_STEP_SIZE=${DEMO_TRIGGER_STEP_SIZE:-}  # empty: Table 1's (12)
   POISON_NUM=${DEMO_POISON_NUM:-72}  # 60 % of the target class's 120 training images
   METHODS=${DEMO_METHODS:-None Tri Tri+Noise Tri+Adv CIBA}
   TARGET=${DEMO_TARGET:-}  # empty: one class drawn with the seed
@@ -72,7 +72,7 @@ python evaluate.py --run "$RUN" --workers "$WORKERS"
 # shellcheck disable=SC2086  # METHODS is a list of words
 python table1.py --runs "$RUN" ${TARGET:+--targets "$TARGET"} --num-targets 1 --methods $METHODS \
   ${TRIGGER_SIZE:+--trigger-size "$TRIGGER_SIZE"} --trigger-steps "$TRIGGER_STEPS" \
-  --trigger-step-size "$TRIGGER_STEP_SIZE" --poison-num "$POISON_NUM" \
+  ${TRIGGER_STEP_SIZE:+--trigger-step-size "$TRIGGER_STEP_SIZE"} --poison-num "$POISON_NUM" \
   --workers "$WORKERS"
 # the pictures: CIBA's poisoned images (original | poisoned | difference x10) with t-MAP and MAP per method, and a
 # query's top 10, clean and with the trigger, under the clean and CIBA's backdoored model

@@ -98,8 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = methods_in_paper_order(args.methods, ALL_METHODS)
     require_at_least_one(args, "num_targets", "trigger_steps", "poison_num", "batch", "pert_steps", "pert_scale",
                         "topk")
-    if args.trigger_step_size <= 0:
-        raise UserError(f"--trigger-step-size must be positive (pixel units of 255), got {args.trigger_step_size}")
+    gen_trigger.check_step_size(args.trigger_step_size, "--trigger-step-size")
     gen_confusing.check_budget(args.eps, args.lam)
     return args
 

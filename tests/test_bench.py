@@ -228,3 +228,29 @@ def test_perturbation_transfer_measures_the_poisons_in_the_other_targets_tri_vic
                                      codes["database_labels"], "cpu")
     assert {k: bystander[k] for k in expected} == pytest.approx(expected)
     assert rows[Path(other).name]["bystanders"][0]["backdoor"] == POISONED
+
+
+def test_class_map_splits_evaluate_s_map_by_query_class(attacked_copy):
+    import evaluate
+    from bench import class_map
+    from data import open_run_split
+    from models.hash_network import load_stage
+    from runs import read_json
+    attacked = attacked_copy
+    for backdoor in ([], ["--backdoor", POISONED]):
+        evaluate.main(["--run", str(attacked), *backdoor, "--workers", "0", "--device", "cpu"])
+    record = class_map.main(["--run", str(attacked), "--workers", "0", "--device", "cpu"])
+    assert list(record["maps"]) == ["clean", POISONED]
+    counts = open_run_split(load_stage(attacked, "clean", "cpu")[0], "query").labels.sum(0)
+    for stage, results in (("clean", attacked / "clean" / "results.json"),
+                           (POISONED, attacked / "backdoor" / POISONED / "results.json")):
+        maps = record["maps"][stage]
+        assert maps["all"] == pytest.approx(read_json(results)["map"], abs=1e-12)  # what evaluate.py reported
+        per_class = torch.tensor([0.0 if m is None else m for m in maps["per_class"]], dtype=torch.float64)
+        assert float((per_class * counts).sum() / counts.sum()) == pytest.approx(maps["all"], abs=1e-12)
+
+
+def test_class_map_names_a_run_without_victims(tiny_run):
+    from bench import class_map
+    with pytest.raises(UserError, match=r"backdoor/ holds no backdoored model; run train_backdoor.py --run"):
+        class_map.main(["--run", str(tiny_run), "--device", "cpu"])

@@ -8,8 +8,9 @@ from runs.cli import constant_comments, explain_flags
 
 SCRIPTS = ["prepare_data", "train_hash", "gen_trigger", "gen_confusing", "poison_dataset", "train_backdoor",
            "evaluate", "table1", "table2", "table3", "defend", "table_defenses", "figures",
-           *(f"bench.{name}" for name in ("confusing", "demo_effect", "faults", "map_at_r", "noise_as_trigger",
-                                          "pretrained_features", "train_step", "train_throughput", "trigger"))]
+           *(f"bench.{name}" for name in ("class_map", "confusing", "demo_effect", "faults", "map_at_r",
+                                          "noise_as_trigger", "perturbation_transfer", "pretrained_features",
+                                          "train_step", "train_throughput", "trigger", "trigger_convergence"))]
 
 
 def parser_of(module_name: str, monkeypatch) -> argparse.ArgumentParser:

@@ -2,9 +2,11 @@
 against each backdoored model of a run.
 
     python bench/class_map.py --run checkpoint/demo-photos --out bench/results/class_map_demo.json
+    python bench/class_map.py --run checkpoint/demo-photos --backdoors --other-clean checkpoint/demo-seed1
 
-Encodes RUN's queries (no trigger) with the clean model and with every model under RUN/backdoor/ (or those named by
---backdoors), ranks them against each model's saved database codes as evaluate.py does (MAP@R, --convention), and
+Encodes RUN's queries (no trigger) with the clean model, with every model under RUN/backdoor/ (or those named by
+--backdoors) and with the clean models of --other-clean (the same recipe with other seeds: the training's own
+spread), ranks them against each model's saved database codes as evaluate.py does (MAP@R, --convention), and
 prints a table of MAP per query class (a multi-label query counts in its first label's class): the clean model's, then each victim's difference from it, in points. A loss
 spread over the classes is the training's noise; a loss in the target class is the poisons' cost; a loss in one
 other class says that class is not settled at the recipe's epochs.
@@ -28,7 +30,8 @@ from runs.cli import explain_flags  # noqa: E402
 from bench.timing import bench_device  # noqa: E402
 
 RUN = "checkpoint/demo-photos"  # run directory with a clean model (step 1) and backdoored models (step 5)
-BACKDOORS = None  # folder names under RUN/backdoor/; None: every one that holds a model
+BACKDOORS = None  # folder names under RUN/backdoor/ (none after the flag: no victim); None: every one that holds a model
+OTHER_CLEAN = []  # other run directories whose clean models (same data; e.g. other seeds) are compared too
 TOPK = 1000  # R of MAP@R
 CONVENTION = "empty-zero"  # queries with no relevant item in their top R: "empty-zero" | "empty-skipped"
 BATCH_SIZE = 128  # images per encoding batch
@@ -41,7 +44,8 @@ OUT = None  # JSON file for the table; None: print only
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=RUN)
-    p.add_argument("--backdoors", nargs="+", default=BACKDOORS)
+    p.add_argument("--backdoors", nargs="*", default=BACKDOORS)
+    p.add_argument("--other-clean", nargs="+", default=OTHER_CLEAN)
     p.add_argument("--topk", type=int, default=TOPK)
     p.add_argument("--convention", choices=CONVENTIONS, default=CONVENTION)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
@@ -59,8 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     run = Path(args.run)
     names = args.backdoors if args.backdoors is not None else sorted(
         d.name for d in (run / "backdoor").glob("*") if (d / "checkpoint.pt").is_file())
-    if not names:
-        raise UserError(f"{run}/backdoor/ holds no backdoored model; run train_backdoor.py --run {run} first")
+    if not names and not args.other_clean:
+        raise UserError(f"{run}/backdoor/ holds no backdoored model; run train_backdoor.py --run {run} first, or compare "
+                        f"clean models with --other-clean")
     clean_config = load_stage(run, "clean", device)[0]
     classes = (clean_config.get("protocol") or {}).get("classes") or [str(k) for k in
                                                                         range(clean_config["n_classes"])]
@@ -68,6 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {"clean": class_maps(run, "clean", query_set, args, device)}
     for name in names:
         rows[name] = class_maps(run, f"backdoor/{name}", query_set, args, device)
+    for other in args.other_clean:
+        if load_stage(other, "clean", device)[0]["data"] != clean_config["data"]:
+            raise UserError(f"{other}/clean was trained on other data than {run}/clean; compare runs of one data set")
+        rows[f"{other}/clean"] = class_maps(Path(other), "clean", query_set, args, device)
     print_table(rows, classes)
     record = {"settings": vars(args), "classes": classes, "maps": rows, "provenance": provenance(device)}
     if args.out:

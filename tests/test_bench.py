@@ -1,5 +1,6 @@
 """The benchmarks run, compare like with like, and say what is wrong with their arguments."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -250,7 +251,18 @@ def test_class_map_splits_evaluate_s_map_by_query_class(attacked_copy):
         assert float((per_class * counts).sum() / counts.sum()) == pytest.approx(maps["all"], abs=1e-12)
 
 
-def test_class_map_names_a_run_without_victims(tiny_run):
+def test_class_map_compares_clean_models_of_other_runs(tiny_run, tmp_path):
     from bench import class_map
-    with pytest.raises(UserError, match=r"backdoor/ holds no backdoored model; run train_backdoor.py --run"):
-        class_map.main(["--run", str(tiny_run), "--device", "cpu"])
+    from runs import read_json, write_json
+    with pytest.raises(UserError, match=r"backdoor/ holds no backdoored model; run train_backdoor.py --run .* or "
+                                        r"compare clean models with --other-clean"):
+        class_map.main(["--run", str(tiny_run), "--backdoors", "--device", "cpu"])
+    record = class_map.main(["--run", str(tiny_run), "--backdoors", "--other-clean", str(tiny_run), "--workers", "0",
+                             "--device", "cpu"])
+    assert record["maps"][f"{tiny_run}/clean"] == record["maps"]["clean"]  # the same model: no difference
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run / "clean", other / "clean")
+    config = read_json(other / "clean" / "config.json")
+    write_json({**config, "data": str(tmp_path / "elsewhere")}, other / "clean" / "config.json")
+    with pytest.raises(UserError, match=r"other/clean was trained on other data than .*; compare runs of one data set"):
+        class_map.main(["--run", str(tiny_run), "--backdoors", "--other-clean", str(other), "--device", "cpu"])

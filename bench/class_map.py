@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import make_loader, open_run_split  # noqa: E402
 from models.hash_network import load_stage  # noqa: E402
-from retrieval import CONVENTIONS, encode, mean_average_precision, saved_codes  # noqa: E402
+from retrieval import CONVENTIONS, encode, mean_average_precision, stage_database_codes  # noqa: E402
 from runs import UserError, cli_entry, provenance, write_json  # noqa: E402
 from runs.cli import explain_flags  # noqa: E402
 
@@ -88,13 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
 def class_maps(run: Path, stage: str, query_set, args: argparse.Namespace, device: torch.device) -> dict:
     """{"all": MAP of every query, "per_class": [MAP of the queries of class k]} of one model, in [0, 1]."""
     _, ckpt, model = load_stage(run, stage, device, made_by="train_hash.py or train_backdoor.py")
-    saved = saved_codes(run / stage / "codes.pt", ckpt["checkpoint_id"])
-    if saved is None:
-        raise UserError(f"{run / stage}/codes.pt does not belong to its checkpoint; rerun evaluate.py --run {run}")
+    database = tuple(t.cpu() for t in stage_database_codes(run, stage, ckpt["checkpoint_id"]))
     query_codes, query_labels = encode(model, make_loader(query_set, args.batch_size, args.workers), device,
                                        f"encode query ({stage})")
     query_codes, query_labels = query_codes.cpu(), query_labels.cpu()
-    database = (saved["database_codes"].cpu(), saved["database_labels"].cpu())
     query_class = query_labels.argmax(1)
     per_class = [mean_average_precision(query_codes[query_class == k], query_labels[query_class == k], *database,
                                         args.topk, args.convention)["map"] if bool((query_class == k).any()) else None

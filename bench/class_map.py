@@ -66,17 +66,19 @@ def main(argv: list[str] | None = None) -> dict:
     if not names and not args.other_clean:
         raise UserError(f"{run}/backdoor/ holds no backdoored model; run train_backdoor.py --run {run} first, or compare "
                         f"clean models with --other-clean")
-    clean_config = load_stage(run, "clean", device)[0]
+    clean_config, clean_ckpt, clean_model = load_stage(run, "clean", device)
     classes = (clean_config.get("protocol") or {}).get("classes") or [str(k) for k in
                                                                         range(clean_config["n_classes"])]
     query_set = open_run_split(clean_config, "query")
-    rows = {"clean": class_maps(run, "clean", query_set, args, device)}
+    rows = {"clean": class_maps(clean_model, clean_ckpt, run, "clean", query_set, args, device)}
     for name in names:
-        rows[name] = class_maps(run, f"backdoor/{name}", query_set, args, device)
+        _, ckpt, model = load_stage(run, f"backdoor/{name}", device, made_by="train_backdoor.py")
+        rows[name] = class_maps(model, ckpt, run, f"backdoor/{name}", query_set, args, device)
     for other in args.other_clean:
-        if load_stage(other, "clean", device)[0]["data"] != clean_config["data"]:
+        config, ckpt, model = load_stage(other, "clean", device)
+        if config["data"] != clean_config["data"]:
             raise UserError(f"{other}/clean was trained on other data than {run}/clean; compare runs of one data set")
-        rows[f"{other}/clean"] = class_maps(Path(other), "clean", query_set, args, device)
+        rows[f"{other}/clean"] = class_maps(model, ckpt, Path(other), "clean", query_set, args, device)
     print_table(rows, classes)
     record = {"settings": vars(args), "classes": classes, "maps": rows, "provenance": provenance(device)}
     if args.out:
@@ -85,9 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     return record
 
 
-def class_maps(run: Path, stage: str, query_set, args: argparse.Namespace, device: torch.device) -> dict:
-    """{"all": MAP of every query, "per_class": [MAP of the queries of class k]} of one model, in [0, 1]."""
-    _, ckpt, model = load_stage(run, stage, device, made_by="train_hash.py or train_backdoor.py")
+def class_maps(model: torch.nn.Module, ckpt: dict, run: Path, stage: str, query_set, args: argparse.Namespace,
+               device: torch.device) -> dict:
+    """{"all": MAP of every query, "per_class": [MAP of the queries of class k]} of RUN/STAGE's model, in [0, 1]."""
     database = tuple(t.cpu() for t in stage_database_codes(run, stage, ckpt["checkpoint_id"]))
     query_codes, query_labels = encode(model, make_loader(query_set, args.batch_size, args.workers), device,
                                        f"encode query ({stage})")

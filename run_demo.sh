@@ -24,13 +24,22 @@ if [ -f "$PHOTOS/train.txt" ]; then
 elif [ -n "$SOURCE" ]; then
   python prepare_data.py --dataset imagenette --protocol imagenette-demo --source "$SOURCE" --out "$PHOTOS"
   KIND=photos
-elif python prepare_data.py --dataset imagenette --protocol imagenette-demo --out "$PHOTOS"; then
+elif DOWNLOAD_LOG=$(mktemp) && python prepare_data.py --dataset imagenette --protocol imagenette-demo --out "$PHOTOS" \
+     2> "$DOWNLOAD_LOG"; then
   KIND=photos
+  rm -f "$DOWNLOAD_LOG"
 else
   KIND=synthetic
-  echo "run_demo.sh: no photos (no DEMO_SOURCE, and Imagenette could not be downloaded), so this runs the synthetic" \
-       "set, which shows the pipeline but not the backdoor; for the real demo: DEMO_SOURCE=imagenette2-160.tgz bash" \
-       "run_demo.sh"
+  # one line says why and what to do; prepare_data.py's own message is shown only when it is not the download failing
+  REASON=$(sed -n 's/^error: cannot download Imagenette (\(.*\))\. Offline.*/\1/p' "$DOWNLOAD_LOG")
+  if [ -z "$REASON" ]; then
+    cat "$DOWNLOAD_LOG" >&2
+    REASON="prepare_data.py failed, above"
+  fi
+  rm -f "$DOWNLOAD_LOG"
+  echo "run_demo.sh: no photos (no DEMO_SOURCE, and Imagenette could not be downloaded: $REASON), so this runs the" \
+       "synthetic set, which shows the pipeline but not the backdoor; for the real demo:" \
+       "DEMO_SOURCE=imagenette2-160.tgz bash run_demo.sh"
 fi
 
 if [ "$KIND" = photos ]; then

@@ -45,7 +45,8 @@ def test_run_demo_without_photos_or_network_runs_the_synthetic_pipeline(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     said = [line for line in done.stdout.splitlines() if line.startswith("run_demo.sh: no photos")]
     assert len(said) == 1 and "DEMO_SOURCE=" in said[0] and "pipeline but not the backdoor" in said[0]
-    assert "cannot download Imagenette" in done.stderr and not (tmp_path / "photos" / "train.txt").exists()
+    assert "Imagenette could not be downloaded: URLError" in said[0]  # the reason, in the same line
+    assert "cannot download" not in done.stderr and not (tmp_path / "photos" / "train.txt").exists()
     results = json.loads((tmp_path / "run" / "clean" / "results.json").read_text())
     assert results["topk"] == 1000 and 0 < results["map"] <= 1
     assert results["n_queries"] == 300 and results["n_database"] == 2700

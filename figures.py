@@ -439,7 +439,9 @@ def sweep_figure(run: Path, figure_name: str, args: argparse.Namespace, out: Pat
                     # below t-MAP 0, one height per method (y in axes units)
                     axes.plot([value], [0.02 + 0.035 * m], marker="x", color=f"C{m}", linestyle="none", markersize=7,
                               transform=axes.get_xaxis_transform(), clip_on=False)
-                    missing.setdefault(tuple(settings.items()), []).append(method)
+                    point = missing.setdefault(tuple(settings.items()), [])
+                    if method not in point:  # the base point sits in every panel: one command for it
+                        point.append(method)
             if drawn:
                 axes.plot([v for v, _, _ in drawn], [t for _, t, _ in drawn], marker="o", color=f"C{m}",
                           label=method)

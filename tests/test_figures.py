@@ -102,7 +102,10 @@ def test_sweep_figure_draws_the_points_that_exist_and_names_the_missing(figure_r
     assert all(float(r["t_map_mean"]) == pytest.approx(result["t_map"], abs=1e-6) for r in done)
     assert len(rows) == 2 * 3 * 2  # two values per panel, three methods, two panels
     printed = capsys.readouterr().out
-    assert "10 point(s) not run yet" in printed and "table1.py --runs" in printed and "--poison-num 3" in printed
+    # 8: the base point (Tri+Adv, CIBA missing) counts once, though both panels show it; M 3 and size 6, three each
+    assert "8 point(s) not run yet" in printed and "table1.py --runs" in printed and "--poison-num 3" in printed
+    commands = [line for line in printed.splitlines() if "table1.py --runs" in line]
+    assert len(commands) == 3 and any("--methods Tri+Adv CIBA --poison-num 5 --trigger-size 4" in c for c in commands)
     rows = written(figures.main(figure_args(figure_run, "--figure", "figure4", "--topk", "1000")))
     assert not any(r["t_map_mean"] for r in rows)  # evaluated at R = 50 only: nothing matches R = 1000
     rows = written(figures.main(figure_args(figure_run, "--figure", "figure4", "--poison-num", "5", "--topk", "50",

@@ -411,6 +411,7 @@ def sweep_figure(run: Path, figure_name: str, args: argparse.Namespace, out: Pat
              "trigger_size": args.trigger_sizes or sorted({default_trigger_size(config["image_size"], size)
                                                            for size in PAPER_SWEEP_TRIGGER_SIZES})}
     found = table_results(args) if args.table else sweep_results(run, args)
+    chosen: set[int] = set()
     if args.targets:
         chosen = {resolve_class(t, (config.get("protocol") or {}).get("classes"), config["n_classes"])
                   for t in args.targets}
@@ -456,7 +457,7 @@ def sweep_figure(run: Path, figure_name: str, args: argparse.Namespace, out: Pat
         axes.legend(fontsize=7)
     figure.suptitle(f"{figure_name}: t-MAP@{args.topk} ({args.convention}); numbers: targets averaged", fontsize=8)
     if missing:
-        targets = sorted({r["target"] for r in found if r["method"] in methods})
+        targets = sorted(chosen or {r["target"] for r in found if r["method"] in methods})
         print(f"{sum(map(len, missing.values()))} point(s) not run yet; compute them with (finished steps are "
               f"reused):")
         for settings, point_methods in missing.items():
@@ -534,7 +535,7 @@ def matches(result: dict, settings: dict) -> bool:
 
 def table1_command(run: Path, methods: list[str], settings: dict, targets: list[int]) -> str:
     """The table1.py call that computes the missing methods of one point of a sweep (its table apart from the main
-    one; the targets of the points that exist, table1.py's own choice when there are none)."""
+    one; the --targets asked for, else those of the points that exist, else table1.py's own choice)."""
     tag = "m{poison_num}-s{trigger_size}-l{lam:g}-b{batch}".format(**settings) + f"-e{settings['eps'] * 255:g}"
     chosen = ["--targets", *map(str, targets)] if targets else []
     return shell_line(["python", "table1.py", "--runs", str(run), *chosen, "--methods", *methods,

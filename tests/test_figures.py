@@ -111,6 +111,7 @@ def test_sweep_figure_draws_the_points_that_exist_and_names_the_missing(figure_r
     rows = written(figures.main(figure_args(figure_run, "--figure", "figure4", "--poison-num", "5", "--topk", "50",
                                             "--trigger-size", "4", "--targets", "3")))
     assert not any(r["t_map_mean"] for r in rows)  # the only result is of target 2
+    assert "table1.py --runs" in (printed := capsys.readouterr().out) and "--targets 3 --methods" in printed
 
 
 def sweep_table(path, rows, **settings):
